@@ -1,0 +1,7 @@
+//! All integration and end-to-end tests, compiled into one binary (fast to build and link).
+//!
+//! Tests that need PostgreSQL read `DATABASE_URL` (see README); the concurrency tests need nothing.
+
+mod errgroup;
+mod live;
+mod mr;
