@@ -2,6 +2,8 @@
 //!
 //! Tests that need PostgreSQL read `DATABASE_URL` (see README); the concurrency tests need nothing.
 
+mod batch;
 mod errgroup;
 mod live;
 mod mr;
+mod support;

@@ -1,0 +1,16 @@
+//! Compiles `proto/` with protox (pure Rust, no `protoc` needed) and writes the descriptor set
+//! that gRPC reflection serves.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let fds = protox::compile(["user/v1/user.proto"], ["proto"])?;
+    std::fs::write(
+        out_dir.join("user_descriptor.bin"),
+        protox::prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The `user-rpc` command line: `serve`, `migrate`, `seed`, `get`. Every flag is also an
+//! environment variable (see `--help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::{Config, Settings, parse_strategy};
+use crate::model::NewUser;
+use crate::pb::{self, Strategy};
+use crate::server::Application;
+use crate::svc::{self, ServiceContext};
+use crate::telemetry::LogFormat;
+
+/// Batch user lookups over gRPC and PostgreSQL, through errgroup, mapreduce and one ANY query.
+#[derive(Debug, Parser)]
+#[command(name = "user-rpc", version, about)]
+pub struct Cli {
+    /// YAML file of settings (keys are the long flag names with `_`); flags and env win over it.
+    #[arg(long, global = true, env = "USER_RPC_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "USER_RPC_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve gRPC (creating the database and applying migrations first, unless skipped).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "USER_RPC_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Do not create the database or apply migrations at start-up.
+        #[arg(long, env = "USER_RPC_SKIP_MIGRATIONS")]
+        skip_migrations: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Create the database if missing and apply pending migrations.
+    Migrate {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Insert COUNT realistic users, in bulk (migrating first).
+    Seed {
+        /// How many users to insert.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Users per INSERT statement.
+        #[arg(long, default_value_t = 10_000)]
+        chunk: usize,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Fetch users from a running server and print them.
+    Get {
+        /// Comma-separated user ids, e.g. 1,2,3.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required = true,
+            allow_negative_numbers = true
+        )]
+        ids: Vec<i64>,
+        /// errgroup, mapreduce or batch-query; the server's default if left out.
+        #[arg(long, value_parser = parse_strategy)]
+        strategy: Option<Strategy>,
+        /// Return the users found and list missing ids instead of failing with NOT_FOUND.
+        #[arg(long)]
+        allow_missing: bool,
+        /// The server to ask.
+        #[arg(long, env = "USER_RPC_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    ///
+    /// # Errors
+    /// Whatever stops the command; the message says what to fix.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let file = self.config.as_deref();
+        match self.command {
+            Command::Serve {
+                listen,
+                skip_migrations,
+                settings,
+            } => {
+                let config = Config::load(settings, file)?;
+                let app = Application::build(config, listen, skip_migrations).await?;
+                app.run_until_stopped(shutdown_signal()).await
+            }
+            Command::Migrate { settings } => {
+                let config = Config::load(settings, file)?;
+                let svc = prepare_database(config).await?;
+                svc.pool.close().await;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Seed {
+                count,
+                chunk,
+                settings,
+            } => {
+                let config = Config::load(settings, file)?;
+                let svc = prepare_database(config).await?;
+                seed(&svc, count, chunk.max(1)).await
+            }
+            Command::Get {
+                ids,
+                strategy,
+                allow_missing,
+                addr,
+                timeout_ms,
+            } => {
+                get(
+                    &addr,
+                    ids,
+                    strategy,
+                    allow_missing,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
+            }
+        }
+    }
+}
+
+async fn prepare_database(config: Config) -> anyhow::Result<ServiceContext> {
+    svc::create_database_if_missing(&config.database_url)
+        .await
+        .with_context(
+            || "cannot reach PostgreSQL to create the database (is it running? check DATABASE_URL)",
+        )?;
+    let svc = ServiceContext::connect_lazy(config)?;
+    svc::migrate(&svc.pool)
+        .await
+        .context("cannot apply migrations")?;
+    Ok(svc)
+}
+
+const FIRST_NAMES: &[&str] = &[
+    "Ada", "Alan", "Barbara", "Brian", "Dennis", "Donald", "Edsger", "Frances", "Grace", "John",
+    "Ken", "Leslie", "Linus", "Margaret", "Niklaus", "Radia", "Rob", "Shafi", "Tony", "Yukihiro",
+];
+const LAST_NAMES: &[&str] = &[
+    "Allen",
+    "Backus",
+    "Dijkstra",
+    "Hamilton",
+    "Hoare",
+    "Hopper",
+    "Kernighan",
+    "Knuth",
+    "Lamport",
+    "Liskov",
+    "Lovelace",
+    "Matsumoto",
+    "Perlman",
+    "Pike",
+    "Ritchie",
+    "Thompson",
+    "Torvalds",
+    "Turing",
+    "Wirth",
+    "Goldwasser",
+];
+
+/// Bulk-inserts `count` users, `chunk` per statement, with a progress bar.
+async fn seed(svc: &ServiceContext, count: u64, chunk: usize) -> anyhow::Result<()> {
+    // A per-run tag keeps emails unique across repeated seeds of the same database.
+    let run = chrono::Utc::now().timestamp_millis();
+    let bar = ProgressBar::new(count).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} users  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut done = 0_u64;
+    while done < count {
+        let n = (count - done).min(chunk as u64);
+        let users: Vec<NewUser> = (done..done + n)
+            .map(|i| {
+                let first = FIRST_NAMES[(i as usize) % FIRST_NAMES.len()];
+                let last = LAST_NAMES[(i as usize / FIRST_NAMES.len()) % LAST_NAMES.len()];
+                NewUser {
+                    name: format!("{first} {last}"),
+                    email: format!(
+                        "{}.{}.{run}.{i}@example.com",
+                        first.to_lowercase(),
+                        last.to_lowercase()
+                    ),
+                }
+            })
+            .collect();
+        svc.users
+            .insert_many(&users)
+            .await
+            .context("inserting users failed")?;
+        done += n;
+        bar.set_position(done);
+    }
+    bar.finish_and_clear();
+    let total = svc.users.count().await?;
+    println!(
+        "inserted {count} users in {:.2?} ({total} in the table)",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Calls BatchGetUsers on a running server and prints the answer.
+async fn get(
+    addr: &str,
+    ids: Vec<i64>,
+    strategy: Option<Strategy>,
+    allow_missing: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .with_context(|| format!("invalid server address {addr:?}"))?
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr} (is `user-rpc serve` running?)"))?;
+    let mut client = pb::user_service_client::UserServiceClient::new(channel);
+    let request = pb::BatchGetUsersRequest {
+        ids,
+        strategy: strategy.unwrap_or(Strategy::Unspecified).into(),
+        allow_missing,
+    };
+    let response = client
+        .batch_get_users(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    println!("{:>10}  {:<24}  {:<48}  created", "id", "name", "email");
+    for user in &response.users {
+        let created = user
+            .create_time
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        println!(
+            "{:>10}  {:<24}  {:<48}  {created}",
+            user.id, user.name, user.email
+        );
+    }
+    if !response.missing_ids.is_empty() {
+        println!("missing ids: {:?}", response.missing_ids);
+    }
+    println!(
+        "{} users via {}",
+        response.users.len(),
+        response.strategy().as_str_name()
+    );
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

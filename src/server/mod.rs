@@ -1,0 +1,160 @@
+//! The gRPC server: [`routes`] builds every service (UserService, grpc.health.v1, reflection v1
+//! and v1alpha) and [`Application`] binds and serves them. Building is separate from binding so
+//! that tests serve exactly what ships, on port 0.
+//!
+//! The server layer converts transport to logic and back — it never holds business rules.
+
+mod user_service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use user_service::UserServer;
+
+use crate::config::Config;
+use crate::pb;
+use crate::pb::user_service_server::UserServiceServer;
+use crate::svc::{self, ServiceContext};
+
+/// Largest request the server decodes and largest response it encodes. A full batch of 1000
+/// ids is 10 KiB, a full response about 100 KiB: 4 MiB leaves room and still stops abuse.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The fully-qualified name the health service reports UserService under.
+pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
+
+/// Every gRPC service of user-rpc, ready to serve, and the reporter that drives its health.
+///
+/// # Errors
+/// If the embedded descriptor sets cannot be read by reflection (a build defect).
+pub fn routes(svc: Arc<ServiceContext>) -> anyhow::Result<(Routes, HealthReporter)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let user_service = UserServiceServer::new(UserServer::new(svc))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes::new(user_service)
+        .add_service(health)
+        .add_service(reflection().build_v1().context("reflection v1")?)
+        .add_service(reflection().build_v1alpha().context("reflection v1alpha")?);
+    Ok((routes, reporter))
+}
+
+/// A bound, not yet serving, user-rpc server (zero-to-production's `Application`).
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    svc: Arc<ServiceContext>,
+}
+
+impl Application {
+    /// Creates the database if missing, applies migrations unless `skip_migrations`, and binds
+    /// `listen` (port 0 picks a free port).
+    ///
+    /// # Errors
+    /// If the database cannot be created or migrated, or the address cannot be bound.
+    pub async fn build(
+        config: Config,
+        listen: SocketAddr,
+        skip_migrations: bool,
+    ) -> anyhow::Result<Self> {
+        let svc = ServiceContext::connect_lazy(config).context("invalid database URL")?;
+        if !skip_migrations {
+            svc::create_database_if_missing(&svc.config.database_url)
+                .await
+                .context("cannot create the database")?;
+            svc::migrate(&svc.pool)
+                .await
+                .context("cannot apply migrations")?;
+        }
+        Self::bind(svc, listen).await
+    }
+
+    /// Binds `listen` for an existing context (tests pass the pool of their own database).
+    ///
+    /// # Errors
+    /// If the address cannot be bound.
+    pub async fn bind(svc: ServiceContext, listen: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+            svc: Arc::new(svc),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, lets in-flight calls finish,
+    /// and closes the pool.
+    ///
+    /// # Errors
+    /// If serving fails.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let (routes, reporter) = routes(Arc::clone(&self.svc))?;
+        let monitor = tokio::spawn(monitor_database(Arc::clone(&self.svc), reporter.clone()));
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        tracing::info!(addr = %self.local_addr, "serving gRPC");
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async {
+                shutdown.await;
+                monitor.abort();
+                set_status(&reporter, ServingStatus::NotServing).await;
+                tracing::info!("shutting down: draining in-flight calls");
+            })
+            .await;
+        self.svc.pool.close().await;
+        served.context("gRPC server failed")
+    }
+}
+
+/// Keeps the health service honest: SERVING only while the database answers `SELECT 1`.
+async fn monitor_database(svc: Arc<ServiceContext>, reporter: HealthReporter) {
+    let interval = svc.config.health_check_interval;
+    let mut serving = None;
+    loop {
+        let ping = tokio::time::timeout(interval, sqlx::query("SELECT 1").execute(&svc.pool)).await;
+        let up = matches!(ping, Ok(Ok(_)));
+        if serving != Some(up) {
+            match &ping {
+                Ok(Ok(_)) => tracing::info!("database reachable: SERVING"),
+                Ok(Err(err)) => tracing::warn!(error = %err, "database unreachable: NOT_SERVING"),
+                Err(_) => tracing::warn!(?interval, "database ping timed out: NOT_SERVING"),
+            }
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_status(&reporter, status).await;
+            serving = Some(up);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn set_status(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(USER_SERVICE_NAME, status).await;
+}

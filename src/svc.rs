@@ -1,0 +1,65 @@
+//! [`ServiceContext`] (go-zero's `svcCtx`): everything the logics share, built once at start-up.
+
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, migrate::MigrateDatabase as _};
+
+use crate::config::Config;
+use crate::model::UserModel;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Configuration, pool and models: what every logic reads, and nothing per-request.
+#[derive(Debug, Clone)]
+pub struct ServiceContext {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub users: UserModel,
+}
+
+impl ServiceContext {
+    /// Wraps an existing pool (tests hand in the pool of their fresh database).
+    pub fn new(config: Config, pool: PgPool) -> Self {
+        Self {
+            config: Arc::new(config),
+            users: UserModel::new(pool.clone()),
+            pool,
+        }
+    }
+
+    /// A pool for `config`, connecting lazily: the first query opens the first connection, so the
+    /// service can start while the database is still coming up.
+    ///
+    /// # Errors
+    /// If `database_url` is not a valid PostgreSQL URL.
+    pub fn connect_lazy(config: Config) -> Result<Self, sqlx::Error> {
+        let options: PgConnectOptions = config.database_url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .acquire_timeout(config.db_acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self::new(config, pool))
+    }
+}
+
+/// Creates the database named in `url` if it does not exist yet.
+///
+/// # Errors
+/// If the server cannot be reached or refuses.
+pub async fn create_database_if_missing(url: &str) -> Result<bool, sqlx::Error> {
+    if Postgres::database_exists(url).await? {
+        return Ok(false);
+    }
+    Postgres::create_database(url).await?;
+    Ok(true)
+}
+
+/// Applies the embedded migrations that have not run yet.
+///
+/// # Errors
+/// If the database cannot be reached or a migration fails.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

@@ -1,0 +1,306 @@
+//! BatchGetUsers and GetUser against a real PostgreSQL, every rule for every strategy, through
+//! the logic layer (the transport is covered by `e2e`).
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use sqlx::PgPool;
+use tonic::Code;
+use user_rpc::error::Error;
+use user_rpc::logic::{GetUserLogic, RequestContext};
+use user_rpc::pb::{self, Strategy};
+
+use crate::support::{STRATEGIES, batch, context, seed};
+
+fn ids_of(response: &pb::BatchGetUsersResponse) -> Vec<i64> {
+    response.users.iter().map(|u| u.id).collect()
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn users_come_back_in_request_order_with_duplicates_fetched_once(pool: PgPool) {
+    let users = seed(&pool, 20).await;
+    let svc = context(&pool, |_| {});
+    let (a, b, c) = (users[5].id, users[1].id, users[9].id);
+    for strategy in STRATEGIES {
+        let response = batch(&svc, vec![a, b, a, c, b], strategy, false)
+            .await
+            .unwrap();
+        assert_eq!(ids_of(&response), vec![a, b, c], "{strategy:?}");
+        assert_eq!(response.strategy(), strategy);
+        assert!(response.missing_ids.is_empty());
+        let first = &response.users[0];
+        assert_eq!(
+            (first.name.as_str(), first.email.as_str()),
+            ("User 5", "user5@example.com")
+        );
+        let created = first.create_time.expect("create_time is set");
+        assert_eq!(created.seconds, users[5].created_at.timestamp());
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn missing_ids_fail_the_batch_with_not_found_naming_them(pool: PgPool) {
+    let users = seed(&pool, 3).await;
+    let svc = context(&pool, |_| {});
+    let absent = [users[2].id + 100, users[2].id + 7];
+    for strategy in STRATEGIES {
+        let err = batch(
+            &svc,
+            vec![users[0].id, absent[0], absent[1]],
+            strategy,
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{strategy:?}");
+        assert!(
+            matches!(&err, Error::NotFound(ids) if ids == &absent),
+            "{strategy:?}: {err}"
+        );
+        assert!(err.to_string().contains(&absent[0].to_string()), "{err}");
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn allow_missing_returns_found_users_and_missing_ids_in_request_order(pool: PgPool) {
+    let users = seed(&pool, 3).await;
+    let svc = context(&pool, |_| {});
+    let (x, y) = (users[2].id + 50, users[2].id + 10);
+    for strategy in STRATEGIES {
+        let response = batch(
+            &svc,
+            vec![x, users[1].id, y, x, users[0].id],
+            strategy,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ids_of(&response),
+            vec![users[1].id, users[0].id],
+            "{strategy:?}"
+        );
+        assert_eq!(response.missing_ids, vec![x, y], "{strategy:?}");
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn bad_batches_are_invalid_argument_naming_the_field(pool: PgPool) {
+    let svc = context(&pool, |c| c.max_batch = 5);
+    let cases: [(Vec<i64>, &str, &str); 4] = [
+        (vec![], "ids", "must contain at least 1 id"),
+        (vec![1; 6], "ids", "must contain at most 5 ids, got 6"),
+        (vec![1, 0], "ids[1]", "must be > 0, got 0"),
+        (vec![-7, 2], "ids[0]", "must be > 0, got -7"),
+    ];
+    for strategy in STRATEGIES {
+        for (ids, field, description) in &cases {
+            let err = batch(&svc, ids.clone(), strategy, false).await.unwrap_err();
+            let Error::InvalidArgument(violations) = &err else {
+                panic!("{strategy:?} {ids:?}: expected INVALID_ARGUMENT, got {err}");
+            };
+            assert_eq!(violations[0].field, *field, "{ids:?}");
+            assert_eq!(violations[0].description, *description, "{ids:?}");
+        }
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn an_unknown_strategy_number_is_invalid_argument(pool: PgPool) {
+    let svc = context(&pool, |_| {});
+    let ctx = RequestContext::with_timeout(std::time::Duration::from_secs(5));
+    let err = user_rpc::logic::BatchGetUsersLogic::new(ctx, &svc)
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![1],
+            strategy: 42,
+            allow_missing: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.to_string().contains("unknown strategy 42"), "{err}");
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn unspecified_runs_the_configured_default_and_says_so(pool: PgPool) {
+    let users = seed(&pool, 2).await;
+    for default in STRATEGIES {
+        let svc = context(&pool, |c| c.default_strategy = default);
+        let response = batch(&svc, vec![users[0].id], Strategy::Unspecified, false)
+            .await
+            .unwrap();
+        assert_eq!(response.strategy(), default);
+        assert_eq!(ids_of(&response), vec![users[0].id]);
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn batch_query_splits_large_batches_into_chunks(pool: PgPool) {
+    let users = seed(&pool, 10).await;
+    let svc = context(&pool, |c| c.batch_query_chunk = 3);
+    let ids: Vec<i64> = users.iter().rev().map(|u| u.id).collect();
+    let response = batch(&svc, ids.clone(), Strategy::BatchQuery, false)
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&response), ids);
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn every_strategy_returns_the_same_answer_for_random_batches(pool: PgPool) {
+    let users = seed(&pool, 200).await;
+    let max_id = users.last().unwrap().id;
+    let svc = context(&pool, |c| c.workers = 7);
+    for seed_value in 0..40_u64 {
+        let mut rng = StdRng::seed_from_u64(seed_value);
+        let len = rng.random_range(1..=120);
+        // Ids up to 20% past the last user: a mix of present, missing and repeated ids.
+        let ids: Vec<i64> = (0..len)
+            .map(|_| rng.random_range(1..=max_id + max_id / 5))
+            .collect();
+        let allow_missing = rng.random_bool(0.7);
+        let mut answers = Vec::new();
+        for strategy in STRATEGIES {
+            let answer = match batch(&svc, ids.clone(), strategy, allow_missing).await {
+                Ok(mut response) => {
+                    response.strategy = 0;
+                    Ok(response)
+                }
+                Err(err) => Err((err.code(), err.to_string())),
+            };
+            answers.push((strategy, answer));
+        }
+        let (_, reference) = &answers[0];
+        for (strategy, answer) in &answers[1..] {
+            assert_eq!(
+                answer, reference,
+                "seed {seed_value}: {strategy:?} disagrees with ERRGROUP for {ids:?}"
+            );
+        }
+    }
+}
+
+/// Replaces `users` with a view whose rows run a hook: it counts lookups (in a sequence, which
+/// a failing statement does not roll back), sleeps 5 ms, and raises for `poisoned_id`.
+async fn poison(pool: &PgPool, poisoned_id: i64) {
+    let statements = [
+        "ALTER TABLE users RENAME TO users_real".to_string(),
+        "CREATE SEQUENCE lookups".to_string(),
+        format!(
+            "CREATE FUNCTION lookup_hook(uid bigint) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$ \
+             BEGIN PERFORM nextval('lookups'); PERFORM pg_sleep(0.005); \
+             IF uid = {poisoned_id} THEN RAISE EXCEPTION 'poisoned row %', uid; END IF; \
+             RETURN true; END $$"
+        ),
+        "CREATE VIEW users AS SELECT id, name, email, created_at FROM users_real WHERE lookup_hook(id)"
+            .to_string(),
+    ];
+    for statement in statements {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+async fn lookups(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT last_value FROM lookups")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn heal(pool: &PgPool) {
+    sqlx::raw_sql(
+        "DROP VIEW users; DROP FUNCTION lookup_hook; DROP SEQUENCE lookups; \
+         ALTER TABLE users_real RENAME TO users",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_database_error_mid_batch_stops_the_batch_and_leaves_the_pool_usable(pool: PgPool) {
+    let users = seed(&pool, 200).await;
+    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+    let svc = context(&pool, |c| c.workers = 4);
+    for strategy in STRATEGIES {
+        poison(&pool, ids[3]).await;
+        let err = batch(&svc, ids.clone(), strategy, false).await.unwrap_err();
+        let ran = lookups(&pool).await;
+        heal(&pool).await;
+
+        assert_eq!(err.code(), Code::Internal, "{strategy:?}: {err}");
+        let status = tonic::Status::from(err);
+        assert_eq!(
+            status.message(),
+            "internal error",
+            "{strategy:?} leaked the cause"
+        );
+        if strategy != Strategy::BatchQuery {
+            // 4 workers, the 4th id fails after ~5 ms: only lookups already running may finish.
+            assert!(
+                ran < 40,
+                "{strategy:?}: {ran} of 200 lookups ran after the first error"
+            );
+        }
+        let again = batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        assert_eq!(
+            again.users.len(),
+            200,
+            "{strategy:?}: the pool is not usable afterwards"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn an_exhausted_pool_is_unavailable_and_recovers(pool: PgPool) {
+    let users = seed(&pool, 5).await;
+    let mut config = user_rpc::config::Config {
+        db_max_connections: 1,
+        db_acquire_timeout: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    config.workers = 2;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(config.db_acquire_timeout)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let svc = user_rpc::svc::ServiceContext::new(config, small.clone());
+    let ids = vec![users[0].id, users[1].id];
+    for strategy in STRATEGIES {
+        let held = small.acquire().await.unwrap();
+        let err = batch(&svc, ids.clone(), strategy, false).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{strategy:?}: {err}");
+        let status = tonic::Status::from(err);
+        assert!(status.message().contains("retry"), "{}", status.message());
+        drop(held);
+        let response = batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        assert_eq!(response.users.len(), 2, "{strategy:?} did not recover");
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn get_user_finds_one_and_reports_not_found_and_bad_ids(pool: PgPool) {
+    let users = seed(&pool, 2).await;
+    let svc = context(&pool, |_| {});
+    let get = |id| {
+        let svc = &svc;
+        async move {
+            let ctx = RequestContext::with_timeout(std::time::Duration::from_secs(5));
+            GetUserLogic::new(ctx, svc)
+                .get_user(pb::GetUserRequest { id })
+                .await
+        }
+    };
+    let user = get(users[1].id).await.unwrap();
+    assert_eq!((user.id, user.name.as_str()), (users[1].id, "User 1"));
+    assert_eq!(
+        get(users[1].id + 1000).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let err = get(0).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.to_string(), "invalid request: id: must be > 0, got 0");
+}
