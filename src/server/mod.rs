@@ -36,10 +36,17 @@ pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
 /// If the embedded descriptor sets cannot be read by reflection (a build defect).
 pub fn routes(svc: Arc<ServiceContext>) -> anyhow::Result<(Routes, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Both reflection versions describe every service, each other included: by default each
+    // would list only itself, and a v1alpha-only client (grpcurl 1.8) would not see v1.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let user_service = UserServiceServer::new(UserServer::new(svc))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
