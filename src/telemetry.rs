@@ -1,5 +1,7 @@
 //! Logging: `tracing` to stderr, human-readable by default or JSON, filtered by `RUST_LOG`
-//! (default `info`, with sqlx's per-query logs at `warn`).
+//! (default `info`, with sqlx's per-query logs at `warn`). Colours only on a terminal.
+
+use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
 
@@ -17,6 +19,7 @@ pub fn init(format: LogFormat) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _already_set = match format {
         LogFormat::Human => builder.try_init(),

@@ -131,7 +131,9 @@ impl Application {
                 tracing::info!("shutting down: draining in-flight calls");
             })
             .await;
+        tracing::info!("gRPC server stopped; closing the database pool");
         self.svc.pool.close().await;
+        tracing::info!("stopped");
         served.context("gRPC server failed")
     }
 }

@@ -304,3 +304,43 @@ async fn get_user_finds_one_and_reports_not_found_and_bad_ids(pool: PgPool) {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.to_string(), "invalid request: id: must be > 0, got 0");
 }
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_blocked_database_hits_the_server_deadline_with_deadline_exceeded(pool: PgPool) {
+    let users = seed(&pool, 50).await;
+    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+    let svc = context(&pool, |_| {});
+    // Another session holds an exclusive lock: every lookup of `users` waits behind it.
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    for strategy in STRATEGIES {
+        let started = std::time::Instant::now();
+        let ctx = RequestContext::with_timeout(std::time::Duration::from_millis(200));
+        let err = user_rpc::logic::BatchGetUsersLogic::new(ctx, &svc)
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids: ids.clone(),
+                strategy: strategy.into(),
+                allow_missing: false,
+            })
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{strategy:?}: {err}");
+        assert!(
+            took < std::time::Duration::from_millis(1000),
+            "{strategy:?}: a 200 ms deadline took {took:?}"
+        );
+    }
+    locker.rollback().await.unwrap();
+    for strategy in STRATEGIES {
+        let response = batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        assert_eq!(
+            response.users.len(),
+            50,
+            "{strategy:?} did not recover after the lock"
+        );
+    }
+}

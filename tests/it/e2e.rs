@@ -268,3 +268,45 @@ async fn grpcurl_lists_describes_and_calls_the_service(pool: PgPool) {
     assert!(result.0, "health check failed: {}", result.2);
     assert!(result.1.contains("status"), "{}", result.1);
 }
+
+async fn list_services_v1(server: &TestServer) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn reflection_v1_lists_every_service(pool: PgPool) {
+    let server = TestServer::start(context(&pool, |_| {})).await;
+    let services = list_services_v1(&server).await;
+    for expected in [
+        "user.v1.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} missing from {services:?}"
+        );
+    }
+}

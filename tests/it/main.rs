@@ -3,6 +3,7 @@
 //! Tests that need PostgreSQL read `DATABASE_URL` (see README); the concurrency tests need nothing.
 
 mod batch;
+mod cli;
 mod e2e;
 mod errgroup;
 mod live;

@@ -1,0 +1,145 @@
+//! The `user-rpc` binary as a person runs it: migrate into a database that does not exist yet,
+//! seed, serve, get, and stop with SIGTERM.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_user-rpc");
+
+/// `DATABASE_URL` with the database replaced by `name`.
+fn url_for(name: &str) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL must be set for these tests");
+    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL ends in /DBNAME");
+    format!("{server}/{name}")
+}
+
+fn run(args: &[&str], url: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// Drops the database on the way out, pass or fail.
+struct Database(String);
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let admin = url_for("postgres");
+        let name = self.0.clone();
+        // A fresh runtime: this runs during unwinding too, outside any test runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let pool = sqlx::PgPool::connect(&admin).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&pool)
+                .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+#[test]
+fn migrate_seed_serve_get_and_sigterm_from_a_database_that_does_not_exist() {
+    let name = format!("user_rpc_cli_{}", std::process::id());
+    let _cleanup = Database(name.clone());
+    let url = url_for(&name);
+
+    let migrated = run(&["migrate"], &url);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    let seeded = run(&["seed", "--count", "25", "--chunk", "10"], &url);
+    let out = String::from_utf8_lossy(&seeded.stdout);
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
+    assert!(
+        out.contains("inserted 25 users") && out.contains("(25 in the table)"),
+        "{out}"
+    );
+
+    let mut server = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &url)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| line.split("addr=").nth(1).map(|a| a.trim().to_string()))
+        .expect("serve never logged its address");
+
+    let got = run(
+        &[
+            "get",
+            "--ids",
+            "3,1,3",
+            "--strategy",
+            "mapreduce",
+            "--addr",
+            &format!("http://{addr}"),
+        ],
+        &url,
+    );
+    let out = String::from_utf8_lossy(&got.stdout);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(out.contains("2 users via STRATEGY_MAPREDUCE"), "{out}");
+    assert!(
+        out.find("\n         3 ").unwrap() < out.find("\n         1 ").unwrap(),
+        "{out}"
+    );
+
+    let bad = run(
+        &["get", "--ids", "0", "--addr", &format!("http://{addr}")],
+        &url,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "serve ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "serve exited with {status} after SIGTERM");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM received")),
+        "{rest:?}"
+    );
+}
