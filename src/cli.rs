@@ -45,6 +45,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "USER_RPC_LISTEN", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Address of the admin HTTP listener (`/metrics`, `/healthz`).
+        #[arg(long, env = "USER_RPC_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+        admin_listen: SocketAddr,
         /// Do not create the database or apply migrations at start-up.
         #[arg(long, env = "USER_RPC_SKIP_MIGRATIONS")]
         skip_migrations: bool,
@@ -102,11 +105,12 @@ impl Cli {
         match self.command {
             Command::Serve {
                 listen,
+                admin_listen,
                 skip_migrations,
                 settings,
             } => {
                 let config = Config::load(settings, file)?;
-                let app = Application::build(config, listen, skip_migrations).await?;
+                let app = Application::build(config, listen, admin_listen, skip_migrations).await?;
                 app.run_until_stopped(shutdown_signal()).await
             }
             Command::Migrate { settings } => {

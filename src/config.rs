@@ -60,6 +60,21 @@ pub struct Settings {
     /// [default: 2000].
     #[arg(long, env = "USER_RPC_HEALTH_CHECK_INTERVAL_MS")]
     pub health_check_interval_ms: Option<u64>,
+
+    /// Calls slower than this are logged at WARN with method, strategy, batch size and duration,
+    /// in milliseconds (go-zero's slow-call threshold) [default: 500].
+    #[arg(long, env = "USER_RPC_SLOW_CALL_MS")]
+    pub slow_call_ms: Option<u64>,
+
+    /// Calls served at once; one more is refused with RESOURCE_EXHAUSTED instead of queueing
+    /// (load shedding) [default: 256].
+    #[arg(long, env = "USER_RPC_MAX_CONCURRENT_CALLS")]
+    pub max_concurrent_calls: Option<usize>,
+
+    /// After SIGTERM/SIGINT, how long in-flight calls may finish before the server stops anyway,
+    /// in milliseconds [default: 10000].
+    #[arg(long, env = "USER_RPC_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
 }
 
 impl Settings {
@@ -78,6 +93,9 @@ impl Settings {
             health_check_interval_ms: self
                 .health_check_interval_ms
                 .or(lower.health_check_interval_ms),
+            slow_call_ms: self.slow_call_ms.or(lower.slow_call_ms),
+            max_concurrent_calls: self.max_concurrent_calls.or(lower.max_concurrent_calls),
+            shutdown_grace_ms: self.shutdown_grace_ms.or(lower.shutdown_grace_ms),
         }
     }
 
@@ -126,6 +144,9 @@ pub struct Config {
     pub default_strategy: Strategy,
     pub timeout: Duration,
     pub health_check_interval: Duration,
+    pub slow_call: Duration,
+    pub max_concurrent_calls: usize,
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Config {
@@ -140,6 +161,9 @@ impl Default for Config {
             default_strategy: Strategy::BatchQuery,
             timeout: Duration::from_millis(2000),
             health_check_interval: Duration::from_millis(2000),
+            slow_call: Duration::from_millis(500),
+            max_concurrent_calls: 256,
+            shutdown_grace: Duration::from_millis(10_000),
         }
     }
 }
@@ -165,12 +189,22 @@ impl Config {
             health_check_interval: settings
                 .health_check_interval_ms
                 .map_or(d.health_check_interval, Duration::from_millis),
+            slow_call: settings
+                .slow_call_ms
+                .map_or(d.slow_call, Duration::from_millis),
+            max_concurrent_calls: settings
+                .max_concurrent_calls
+                .unwrap_or(d.max_concurrent_calls),
+            shutdown_grace: settings
+                .shutdown_grace_ms
+                .map_or(d.shutdown_grace, Duration::from_millis),
         };
         let positive = [
             ("db_max_connections", config.db_max_connections as usize),
             ("workers", config.workers),
             ("max_batch", config.max_batch),
             ("batch_query_chunk", config.batch_query_chunk),
+            ("max_concurrent_calls", config.max_concurrent_calls),
             ("timeout_ms", config.timeout.as_millis() as usize),
             (
                 "db_acquire_timeout_ms",

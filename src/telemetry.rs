@@ -26,3 +26,82 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Prometheus metrics through the `metrics` facade. Names and buckets mirror go-zero's server
+/// metrics; the rest are user-rpc's own.
+pub mod metric {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+    use tonic::Code;
+
+    use crate::server::call::CallInfo;
+
+    /// Request duration histogram, milliseconds (go-zero's `rpc_server_requests_duration_ms`).
+    pub const REQUEST_DURATION: &str = "rpc_server_requests_duration_ms";
+    /// Calls by numeric gRPC code (go-zero's `rpc_server_requests_code_total`).
+    pub const REQUEST_CODES: &str = "rpc_server_requests_code_total";
+    /// Users returned by BatchGetUsers.
+    pub const IDS_FETCHED: &str = "user_rpc_ids_fetched_total";
+    /// Requested ids that had no user.
+    pub const MISSING_IDS: &str = "user_rpc_missing_ids_total";
+    /// Open pooled database connections.
+    pub const POOL_CONNECTIONS: &str = "user_rpc_db_pool_connections";
+    /// Idle pooled database connections.
+    pub const POOL_IDLE: &str = "user_rpc_db_pool_idle_connections";
+    /// The pool's configured maximum.
+    pub const POOL_MAX: &str = "user_rpc_db_pool_max_connections";
+
+    /// go-zero's buckets for the request duration, in milliseconds.
+    pub const DURATION_BUCKETS_MS: [f64; 12] = [
+        1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0,
+    ];
+
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+    /// The process-wide Prometheus recorder, installed on first use.
+    pub fn prometheus() -> &'static PrometheusHandle {
+        HANDLE.get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets_for_metric(
+                    Matcher::Full(REQUEST_DURATION.to_owned()),
+                    &DURATION_BUCKETS_MS,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            handle
+        })
+    }
+
+    /// Records one finished call.
+    pub fn record_call(info: CallInfo, code: Code, elapsed: Duration) {
+        let labels = [("method", info.method), ("strategy", info.strategy)];
+        metrics::histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64() * 1000.0);
+        metrics::counter!(
+            REQUEST_CODES,
+            "method" => info.method,
+            "strategy" => info.strategy,
+            "code" => (code as i32).to_string()
+        )
+        .increment(1);
+    }
+
+    /// Records what one successful batch returned.
+    pub fn record_batch(strategy: &'static str, fetched: usize, missing: usize) {
+        metrics::counter!(IDS_FETCHED, "strategy" => strategy).increment(fetched as u64);
+        metrics::counter!(MISSING_IDS, "strategy" => strategy).increment(missing as u64);
+    }
+
+    /// Publishes the pool's state (called on every scrape).
+    pub fn record_pool(pool: &sqlx::PgPool) {
+        metrics::gauge!(POOL_CONNECTIONS).set(f64::from(pool.size()));
+        metrics::gauge!(POOL_IDLE).set(pool.num_idle() as f64);
+        metrics::gauge!(POOL_MAX).set(f64::from(pool.options().get_max_connections()));
+    }
+}

@@ -30,11 +30,16 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// A context that must finish within `timeout`.
+    /// A context that must finish within `timeout` from now.
     pub fn with_timeout(timeout: Duration) -> Self {
+        Self::with_deadline(Instant::now() + timeout)
+    }
+
+    /// A context that must finish by `deadline`.
+    pub fn with_deadline(deadline: Instant) -> Self {
         let token = CancellationToken::new();
         Self {
-            deadline: Instant::now() + timeout,
+            deadline,
             _cancel_on_drop: token.clone().drop_guard(),
             token,
         }

@@ -1,16 +1,21 @@
 //! The gRPC server: [`routes`] builds every service (UserService, grpc.health.v1, reflection v1
-//! and v1alpha) and [`Application`] binds and serves them. Building is separate from binding so
-//! that tests serve exactly what ships, on port 0.
+//! and v1alpha) and [`Application`] binds and serves them, plus the admin HTTP listener
+//! ([`admin`]). Building is separate from binding so that tests serve exactly what ships, on
+//! port 0. Every call passes through the safety nets of [`call`].
 //!
 //! The server layer converts transport to logic and back — it never holds business rules.
 
+pub mod admin;
+pub mod call;
 mod user_service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -35,6 +40,8 @@ pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
 /// # Errors
 /// If the embedded descriptor sets cannot be read by reflection (a build defect).
 pub fn routes(svc: Arc<ServiceContext>) -> anyhow::Result<(Routes, HealthReporter)> {
+    // Installed before the first call, so that no call is recorded into the void.
+    crate::telemetry::metric::prometheus();
     let (reporter, health) = tonic_health::server::health_reporter();
     // Both reflection versions describe every service, each other included: by default each
     // would list only itself, and a v1alpha-only client (grpcurl 1.8) would not see v1.
@@ -48,7 +55,8 @@ pub fn routes(svc: Arc<ServiceContext>) -> anyhow::Result<(Routes, HealthReporte
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             )
     };
-    let user_service = UserServiceServer::new(UserServer::new(svc))
+    let guard = call::CallGuard::new(&svc.config);
+    let user_service = UserServiceServer::new(UserServer::new(svc, guard))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = Routes::new(user_service)
@@ -62,18 +70,21 @@ pub fn routes(svc: Arc<ServiceContext>) -> anyhow::Result<(Routes, HealthReporte
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     svc: Arc<ServiceContext>,
 }
 
 impl Application {
     /// Creates the database if missing, applies migrations unless `skip_migrations`, and binds
-    /// `listen` (port 0 picks a free port).
+    /// `listen` for gRPC and `admin` for HTTP (port 0 picks a free port).
     ///
     /// # Errors
     /// If the database cannot be created or migrated, or the address cannot be bound.
     pub async fn build(
         config: Config,
         listen: SocketAddr,
+        admin: SocketAddr,
         skip_migrations: bool,
     ) -> anyhow::Result<Self> {
         let svc = ServiceContext::connect_lazy(config).context("invalid database URL")?;
@@ -85,32 +96,46 @@ impl Application {
                 .await
                 .context("cannot apply migrations")?;
         }
-        Self::bind(svc, listen).await
+        Self::bind(svc, listen, admin).await
     }
 
-    /// Binds `listen` for an existing context (tests pass the pool of their own database).
+    /// Binds `listen` (gRPC) and `admin` (HTTP) for an existing context (tests pass the pool of
+    /// their own database).
     ///
     /// # Errors
-    /// If the address cannot be bound.
-    pub async fn bind(svc: ServiceContext, listen: SocketAddr) -> anyhow::Result<Self> {
+    /// If an address cannot be bound.
+    pub async fn bind(
+        svc: ServiceContext,
+        listen: SocketAddr,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let local_addr = listener.local_addr()?;
+        let admin_listener = TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("cannot listen on {admin} (admin)"))?;
         Ok(Self {
+            local_addr: listener.local_addr()?,
             listener,
-            local_addr,
+            admin_addr: admin_listener.local_addr()?,
+            admin_listener,
             svc: Arc::new(svc),
         })
     }
 
-    /// The address actually bound.
+    /// The gRPC address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// Serves until `shutdown` completes, then reports NOT_SERVING, lets in-flight calls finish,
-    /// and closes the pool.
+    /// The admin HTTP address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Serves until `shutdown` completes; then reports NOT_SERVING, stops accepting, lets
+    /// in-flight calls finish for at most `shutdown_grace`, and closes the pool.
     ///
     /// # Errors
     /// If serving fails.
@@ -118,33 +143,83 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let (routes, reporter) = routes(Arc::clone(&self.svc))?;
-        let monitor = tokio::spawn(monitor_database(Arc::clone(&self.svc), reporter.clone()));
+        let svc = self.svc;
+        let (routes, reporter) = routes(Arc::clone(&svc))?;
+        let database_up = Arc::new(AtomicBool::new(false));
+        let monitor = tokio::spawn(monitor_database(
+            Arc::clone(&svc),
+            reporter.clone(),
+            Arc::clone(&database_up),
+        ));
+        let stop = CancellationToken::new();
+
+        let admin = axum::serve(
+            self.admin_listener,
+            admin::router(svc.pool.clone(), database_up),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let admin = tokio::spawn(async move { admin.await });
+
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        tracing::info!(addr = %self.local_addr, "serving gRPC");
-        let served = tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, async {
-                shutdown.await;
+        tracing::info!(addr = %self.local_addr, admin = %self.admin_addr, "serving gRPC");
+        let mut grpc = Box::pin(
+            tonic::transport::Server::builder()
+                .layer(call::CallStartLayer)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+        );
+
+        let served = tokio::select! {
+            served = &mut grpc => served,
+            () = shutdown => {
                 monitor.abort();
                 set_status(&reporter, ServingStatus::NotServing).await;
-                tracing::info!("shutting down: draining in-flight calls");
-            })
-            .await;
+                let grace = svc.config.shutdown_grace;
+                tracing::info!(?grace, "shutting down: draining in-flight calls");
+                stop.cancel();
+                match tokio::time::timeout(grace, &mut grpc).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!(?grace, "calls still in flight after the grace period; stopping anyway");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        drop(grpc);
+        stop.cancel();
+        monitor.abort();
+        if tokio::time::timeout(ADMIN_STOP, admin).await.is_err() {
+            tracing::warn!("admin listener did not stop in time");
+        }
         tracing::info!("gRPC server stopped; closing the database pool");
-        self.svc.pool.close().await;
+        // Calls cut off by the grace period may still hold connections: do not wait on them.
+        if tokio::time::timeout(ADMIN_STOP, svc.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still busy; leaving them to the exit");
+        }
         tracing::info!("stopped");
         served.context("gRPC server failed")
     }
 }
 
+/// How long the admin listener and the pool get to close after the gRPC server stopped.
+const ADMIN_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Keeps the health service honest: SERVING only while the database answers `SELECT 1`.
-async fn monitor_database(svc: Arc<ServiceContext>, reporter: HealthReporter) {
+async fn monitor_database(
+    svc: Arc<ServiceContext>,
+    reporter: HealthReporter,
+    database_up: Arc<AtomicBool>,
+) {
     let interval = svc.config.health_check_interval;
     let mut serving = None;
     loop {
         let ping = tokio::time::timeout(interval, sqlx::query("SELECT 1").execute(&svc.pool)).await;
         let up = matches!(ping, Ok(Ok(_)));
+        database_up.store(up, Ordering::Release);
         if serving != Some(up) {
             match &ping {
                 Ok(Ok(_)) => tracing::info!("database reachable: SERVING"),

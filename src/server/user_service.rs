@@ -1,61 +1,108 @@
-//! The `user.v1.UserService` handlers: one line of transport glue per RPC around its logic
-//! (go-zero's `internal/server`).
+//! The `user.v1.UserService` handlers: transport glue around each RPC's logic (go-zero's
+//! `internal/server`) under the [`CallGuard`]'s safety nets.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::logic::{BatchGetUsersLogic, GetUserLogic, RequestContext};
-use crate::pb;
+use crate::pb::{self, Strategy};
+use crate::server::call::{CallGuard, CallInfo, CallStart};
 use crate::svc::ServiceContext;
+use crate::telemetry::metric;
+
+const GET_USER: &str = "/user.v1.UserService/GetUser";
+const BATCH_GET_USERS: &str = "/user.v1.UserService/BatchGetUsers";
 
 /// Implements the generated `UserService` trait on top of the logics.
 #[derive(Debug, Clone)]
 pub struct UserServer {
     svc: Arc<ServiceContext>,
+    guard: CallGuard,
 }
 
 impl UserServer {
-    pub fn new(svc: Arc<ServiceContext>) -> Self {
-        Self { svc }
+    pub fn new(svc: Arc<ServiceContext>, guard: CallGuard) -> Self {
+        Self { svc, guard }
     }
 
-    /// The call's context: the client's `grpc-timeout` if it sent one, else the server default.
-    fn context<T>(&self, request: &Request<T>) -> RequestContext {
-        let timeout = client_timeout(request).unwrap_or(self.svc.config.timeout);
-        RequestContext::with_timeout(timeout)
+    /// When the call arrived (see [`CallStart`]) and its logic context.
+    fn context<T>(&self, request: &Request<T>) -> (Instant, RequestContext) {
+        let start = request
+            .extensions()
+            .get::<CallStart>()
+            .map_or_else(Instant::now, |s| s.0);
+        let deadline = self.guard.deadline(start, client_timeout(request));
+        (start, RequestContext::with_deadline(deadline))
+    }
+
+    /// The strategy label of a request: what will run, as the response will report it.
+    fn strategy_label(&self, requested: i32) -> &'static str {
+        match Strategy::try_from(requested) {
+            Ok(Strategy::Unspecified) => self.svc.config.default_strategy.as_str_name(),
+            Ok(strategy) => strategy.as_str_name(),
+            Err(_) => "invalid",
+        }
     }
 }
 
 #[tonic::async_trait]
 impl pb::user_service_server::UserService for UserServer {
-    #[tracing::instrument(name = "GetUser", skip_all, fields(id = request.get_ref().id))]
+    #[tracing::instrument(name = "GetUser", skip_all, fields(id = request.get_ref().id, code = tracing::field::Empty))]
     async fn get_user(
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let ctx = self.context(&request);
-        let user = GetUserLogic::new(ctx, &self.svc)
-            .get_user(request.into_inner())
-            .await?;
-        Ok(Response::new(user))
+        let (start, ctx) = self.context(&request);
+        let info = CallInfo {
+            method: GET_USER,
+            strategy: "none",
+            batch_size: 1,
+        };
+        self.guard
+            .run(info, start, async {
+                let user = GetUserLogic::new(ctx, &self.svc)
+                    .get_user(request.into_inner())
+                    .await?;
+                Ok(Response::new(user))
+            })
+            .await
     }
 
     #[tracing::instrument(
         name = "BatchGetUsers",
         skip_all,
-        fields(batch_size = request.get_ref().ids.len(), strategy = request.get_ref().strategy)
+        fields(
+            strategy = self.strategy_label(request.get_ref().strategy),
+            batch_size = request.get_ref().ids.len(),
+            code = tracing::field::Empty,
+        )
     )]
     async fn batch_get_users(
         &self,
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
-        let ctx = self.context(&request);
-        let response = BatchGetUsersLogic::new(ctx, &self.svc)
-            .batch_get_users(request.into_inner())
-            .await?;
-        Ok(Response::new(response))
+        let (start, ctx) = self.context(&request);
+        let info = CallInfo {
+            method: BATCH_GET_USERS,
+            strategy: self.strategy_label(request.get_ref().strategy),
+            batch_size: request.get_ref().ids.len(),
+        };
+        self.guard
+            .run(info, start, async {
+                let response = BatchGetUsersLogic::new(ctx, &self.svc)
+                    .batch_get_users(request.into_inner())
+                    .await?;
+                metric::record_batch(
+                    info.strategy,
+                    response.users.len(),
+                    response.missing_ids.len(),
+                );
+                Ok(Response::new(response))
+            })
+            .await
     }
 }
 

@@ -49,6 +49,19 @@ impl Drop for Database {
     }
 }
 
+/// Kills the server on the way out if the test fails before stopping it, so that a failure
+/// cannot leave a process behind holding the test runner's output open.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn migrate_seed_serve_get_and_sigterm_from_a_database_that_does_not_exist() {
     let name = format!("user_rpc_cli_{}", std::process::id());
@@ -74,19 +87,30 @@ fn migrate_seed_serve_get_and_sigterm_from_a_database_that_does_not_exist() {
         "{out}"
     );
 
-    let mut server = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &url)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut server = Child(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("DATABASE_URL", &url)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.0.stderr.take().unwrap()).lines();
     let addr = lines
         .by_ref()
         .map_while(Result::ok)
-        .find_map(|line| line.split("addr=").nth(1).map(|a| a.trim().to_string()))
+        .find_map(|line| {
+            let after = line.split(" addr=").nth(1)?;
+            after.split_whitespace().next().map(str::to_string)
+        })
         .expect("serve never logged its address");
 
     let got = run(
@@ -121,13 +145,13 @@ fn migrate_seed_serve_get_and_sigterm_from_a_database_that_does_not_exist() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"));
 
     let killed = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = server.try_wait().unwrap() {
+        if let Some(status) = server.0.try_wait().unwrap() {
             break status;
         }
         assert!(

@@ -4,6 +4,7 @@
 
 mod batch;
 mod cli;
+mod defaults;
 mod e2e;
 mod errgroup;
 mod live;

@@ -65,22 +65,24 @@ pub async fn batch(
 /// A server on a real socket, stopped when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
     pub async fn start(svc: ServiceContext) -> Self {
-        let app = Application::bind(svc, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let any = "127.0.0.1:0".parse().unwrap();
+        let app = Application::bind(svc, any, any).await.unwrap();
         let addr = app.local_addr();
+        let admin = app.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            admin,
             stop: Some(stop),
             handle: Some(handle),
         }
