@@ -9,7 +9,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::io::IsTerminal as _;
+
 use crate::config::{Config, Settings, parse_strategy};
+use crate::loadgen::{self, LoadOptions};
 use crate::model::NewUser;
 use crate::pb::{self, Strategy};
 use crate::server::Application;
@@ -70,6 +73,30 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Load a server with concurrent BatchGetUsers calls and compare the strategies side by side.
+    Bench {
+        /// Server to load, e.g. http://127.0.0.1:50051; without it, one is started in-process on
+        /// the configured database.
+        #[arg(long)]
+        addr: Option<String>,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// The first command to run: migrate, seed if empty, serve in-process, bench every strategy.
+    Demo {
+        /// Users to seed when the table is empty.
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Fetch users from a running server and print them.
     Get {
         /// Comma-separated user ids, e.g. 1,2,3.
@@ -93,6 +120,129 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+}
+
+/// The shape of the load, shared by `bench` and `demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to load each strategy, e.g. 10s, 500ms, 2m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stop each strategy after this many requests (if sooner than --duration).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Ids per BatchGetUsers call.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Ids are drawn from 1..=MAX_ID [default: the largest id in the database when the server is
+    /// in-process, else 100000].
+    #[arg(long)]
+    max_id: Option<i64>,
+    /// Share of requested ids that do not exist, 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.0)]
+    missing_ratio: f64,
+    /// all, errgroup, mapreduce or batch-query.
+    #[arg(long, default_value = "all")]
+    strategy: String,
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    call_timeout_ms: u64,
+}
+
+impl LoadArgs {
+    fn options(&self, addr: String, max_id: i64) -> anyhow::Result<LoadOptions> {
+        let strategies = if self.strategy.eq_ignore_ascii_case("all") {
+            vec![
+                Strategy::Errgroup,
+                Strategy::Mapreduce,
+                Strategy::BatchQuery,
+            ]
+        } else {
+            vec![parse_strategy(&self.strategy).map_err(anyhow::Error::msg)?]
+        };
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.missing_ratio),
+            "--missing-ratio must be between 0.0 and 1.0"
+        );
+        Ok(LoadOptions {
+            addr,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            requests: self.requests,
+            batch: self.batch,
+            max_id: self.max_id.unwrap_or(max_id),
+            missing_ratio: self.missing_ratio,
+            strategies,
+            timeout: Duration::from_millis(self.call_timeout_ms),
+            progress: std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+/// `10s`, `250ms`, `2m`, or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: use e.g. 10s, 500ms, 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!(
+            "invalid duration {text:?}: use e.g. 10s, 500ms, 2m"
+        )),
+    }
+}
+
+/// A server started in this process for `bench` and `demo`, stopped on drop.
+struct InProcess {
+    addr: String,
+    max_id: i64,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    async fn start(svc: ServiceContext) -> anyhow::Result<Self> {
+        let max_id = svc.users.max_id().await?;
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let app = Application::bind(svc, any, any).await?;
+        let addr = format!("http://{}", app.local_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            max_id,
+            stop: Some(stop),
+            served,
+        })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.served).await?
+    }
+}
+
+fn print_reports(reports: &[loadgen::StrategyReport], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(reports)?);
+    } else {
+        print!("{}", loadgen::table(reports));
+    }
+    Ok(())
 }
 
 impl Cli {
@@ -128,6 +278,55 @@ impl Cli {
                 let config = Config::load(settings, file)?;
                 let svc = prepare_database(config).await?;
                 seed(&svc, count, chunk.max(1)).await
+            }
+            Command::Bench {
+                addr,
+                load,
+                json,
+                settings,
+            } => {
+                let (addr, server) = match addr {
+                    Some(addr) => (addr, None),
+                    None => {
+                        let svc = prepare_database(Config::load(settings, file)?).await?;
+                        let server = InProcess::start(svc).await?;
+                        (server.addr.clone(), Some(server))
+                    }
+                };
+                let max_id = server.as_ref().map_or(100_000, |s| s.max_id);
+                let reports = loadgen::run(&load.options(addr, max_id)?).await;
+                if let Some(server) = server {
+                    server.stop().await?;
+                }
+                print_reports(&reports?, json)
+            }
+            Command::Demo {
+                users,
+                load,
+                settings,
+            } => {
+                let svc = prepare_database(Config::load(settings, file)?).await?;
+                if svc.users.count().await? == 0 {
+                    println!("seeding {users} users...");
+                    seed(&svc, users, 10_000).await?;
+                }
+                let server = InProcess::start(svc).await?;
+                let options = load.options(server.addr.clone(), server.max_id)?;
+                println!(
+                    "benchmarking {} strategies: {} callers, batches of {}, {:?} each, against {}",
+                    options.strategies.len(),
+                    options.concurrency,
+                    options.batch,
+                    options.duration,
+                    server.addr
+                );
+                let reports = loadgen::run(&options).await;
+                server.stop().await?;
+                print_reports(&reports?, false)?;
+                println!(
+                    "\nNext: `user-rpc serve`, then try\n  grpcurl -plaintext -d '{{\"ids\": [3, 1, 2], \"strategy\": \"STRATEGY_MAPREDUCE\"}}' 127.0.0.1:50051 user.v1.UserService/BatchGetUsers"
+                );
+                Ok(())
             }
             Command::Get {
                 ids,
@@ -305,5 +504,24 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_read_the_way_people_write_them() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
     }
 }

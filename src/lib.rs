@@ -10,11 +10,13 @@
 //! - [`server`]: tonic glue, health, reflection, binding and serving.
 //! - [`concurrency`]: the generic errgroup and map-reduce primitives the strategies use.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
+//! - [`loadgen`]: the load generator behind `user-rpc bench` and `user-rpc demo`.
 
 pub mod cli;
 pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod loadgen;
 pub mod logic;
 pub mod model;
 pub mod server;

@@ -72,6 +72,16 @@ impl UserModel {
         .await
     }
 
+    /// The largest id in use, 0 when the table is empty.
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn max_id(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM users")
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// How many users there are.
     ///
     /// # Errors

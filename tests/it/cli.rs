@@ -167,3 +167,66 @@ fn migrate_seed_serve_get_and_sigterm_from_a_database_that_does_not_exist() {
         "{rest:?}"
     );
 }
+
+#[test]
+fn demo_seeds_an_empty_database_and_compares_every_strategy_and_bench_prints_json() {
+    let name = format!("user_rpc_demo_{}", std::process::id());
+    let _cleanup = Database(name.clone());
+    let url = url_for(&name);
+
+    let demo = run(
+        &[
+            "demo",
+            "--users",
+            "300",
+            "--duration",
+            "300ms",
+            "--concurrency",
+            "2",
+            "--batch",
+            "10",
+        ],
+        &url,
+    );
+    let out = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    assert!(out.contains("seeding 300 users"), "{out}");
+    for strategy in [
+        "STRATEGY_ERRGROUP",
+        "STRATEGY_MAPREDUCE",
+        "STRATEGY_BATCH_QUERY",
+    ] {
+        assert!(out.contains(strategy), "{strategy} missing from:\n{out}");
+    }
+    assert!(out.contains("grpcurl -plaintext"), "{out}");
+
+    let bench = run(
+        &[
+            "bench",
+            "--json",
+            "--requests",
+            "20",
+            "--concurrency",
+            "2",
+            "--batch",
+            "5",
+            "--strategy",
+            "batch-query",
+        ],
+        &url,
+    );
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_str(&out).expect("bench --json prints JSON");
+    assert_eq!(reports[0]["strategy"], "STRATEGY_BATCH_QUERY");
+    assert_eq!(reports[0]["requests"], 20);
+    assert_eq!(reports[0]["errors"], serde_json::json!({}));
+}

@@ -8,5 +8,6 @@ mod defaults;
 mod e2e;
 mod errgroup;
 mod live;
+mod loadgen;
 mod mr;
 mod support;
