@@ -32,6 +32,12 @@ pub struct Settings {
     #[arg(long, env = "USER_RPC_DB_ACQUIRE_TIMEOUT_MS")]
     pub db_acquire_timeout_ms: Option<u64>,
 
+    /// Ping a pooled connection before every checkout (sqlx's `test_before_acquire`): one more
+    /// round trip per checkout, in exchange for finding connections that died while idle
+    /// [default: true].
+    #[arg(long, env = "USER_RPC_DB_TEST_BEFORE_ACQUIRE")]
+    pub db_test_before_acquire: Option<bool>,
+
     /// Concurrent lookups per batch for the errgroup and mapreduce strategies [default: 16].
     #[arg(long, env = "USER_RPC_WORKERS")]
     pub workers: Option<usize>,
@@ -85,6 +91,7 @@ impl Settings {
             database_url: self.database_url.or(lower.database_url),
             db_max_connections: self.db_max_connections.or(lower.db_max_connections),
             db_acquire_timeout_ms: self.db_acquire_timeout_ms.or(lower.db_acquire_timeout_ms),
+            db_test_before_acquire: self.db_test_before_acquire.or(lower.db_test_before_acquire),
             workers: self.workers.or(lower.workers),
             max_batch: self.max_batch.or(lower.max_batch),
             batch_query_chunk: self.batch_query_chunk.or(lower.batch_query_chunk),
@@ -138,6 +145,7 @@ pub struct Config {
     pub database_url: String,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
+    pub db_test_before_acquire: bool,
     pub workers: usize,
     pub max_batch: usize,
     pub batch_query_chunk: usize,
@@ -155,6 +163,7 @@ impl Default for Config {
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             db_max_connections: 20,
             db_acquire_timeout: Duration::from_millis(1000),
+            db_test_before_acquire: true,
             workers: crate::concurrency::mr::DEFAULT_WORKERS,
             max_batch: 1000,
             batch_query_chunk: 1000,
@@ -181,6 +190,9 @@ impl Config {
             db_acquire_timeout: settings
                 .db_acquire_timeout_ms
                 .map_or(d.db_acquire_timeout, Duration::from_millis),
+            db_test_before_acquire: settings
+                .db_test_before_acquire
+                .unwrap_or(d.db_test_before_acquire),
             workers: settings.workers.unwrap_or(d.workers),
             max_batch: settings.max_batch.unwrap_or(d.max_batch),
             batch_query_chunk: settings.batch_query_chunk.unwrap_or(d.batch_query_chunk),

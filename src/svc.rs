@@ -39,6 +39,7 @@ impl ServiceContext {
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
             .acquire_timeout(config.db_acquire_timeout)
+            .test_before_acquire(config.db_test_before_acquire)
             .connect_lazy_with(options);
         Ok(Self::new(config, pool))
     }

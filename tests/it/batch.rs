@@ -344,3 +344,34 @@ async fn a_blocked_database_hits_the_server_deadline_with_deadline_exceeded(pool
         );
     }
 }
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_batch_with_more_workers_than_pool_connections_shares_them_without_stalling(
+    pool: PgPool,
+) {
+    let users = seed(&pool, 200).await;
+    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+    let config = user_rpc::config::Config {
+        workers: 16,
+        db_acquire_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(config.db_acquire_timeout)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let svc = user_rpc::svc::ServiceContext::new(config, small);
+    for strategy in [Strategy::Errgroup, Strategy::Mapreduce] {
+        let started = std::time::Instant::now();
+        let response = batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(response.users.len(), 200, "{strategy:?}");
+        // Waiting on connections the batch itself holds would end in the 2 s acquire timeout.
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "{strategy:?} stalled for {took:?}"
+        );
+    }
+}

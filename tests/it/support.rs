@@ -118,9 +118,11 @@ impl TestServer {
 }
 
 impl Drop for TestServer {
+    /// A graceful stop, not an abort: an aborted server would leave its connection tasks, and
+    /// the pooled connections they hold, behind the test's back.
     fn drop(&mut self) {
-        if let Some(handle) = &self.handle {
-            handle.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
