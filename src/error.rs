@@ -60,20 +60,12 @@ impl Error {
 /// Connection-level failures and pool exhaustion: the database is (for now) out of reach, and
 /// the same call may succeed later.
 fn is_unavailable(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // Class 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
-            // cannot connect now; 53300: too many connections.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-        }),
-        _ => false,
-    }
+    matches!(
+        err,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
+    ) || crate::model::is_connection_failure(err)
+        // 53300: too many connections.
+        || matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("53300"))
 }
 
 /// 57014 query_canceled: a statement timeout or a cancel request stopped the query.

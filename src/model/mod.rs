@@ -3,4 +3,4 @@
 
 pub mod user;
 
-pub use user::{NewUser, User, UserModel};
+pub use user::{ConnectionStash, NewUser, User, UserModel, is_connection_failure};

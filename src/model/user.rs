@@ -1,7 +1,18 @@
 //! [`UserModel`]: the `users` table.
 
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use futures_util::future::BoxFuture;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::sync::Notify;
+
+const FIND_ONE: &str = "SELECT id, name, email, created_at FROM users WHERE id = $1";
+const FIND_MANY: &str = "SELECT id, name, email, created_at FROM users WHERE id = ANY($1)";
 
 /// A row of `users`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -19,15 +30,20 @@ pub struct NewUser {
     pub email: String,
 }
 
-/// Queries on `users`. Cheap to clone: it holds the pool, which is a handle.
+/// Queries on `users`. Cheap to clone: it holds the pool and the shared [`ConnectionStash`]
+/// that the lookups go through.
 #[derive(Debug, Clone)]
 pub struct UserModel {
     pool: PgPool,
+    stash: Arc<ConnectionStash>,
 }
 
 impl UserModel {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            stash: Arc::new(ConnectionStash::new(pool.clone())),
+            pool,
+        }
     }
 
     /// The user with this id, if any: one primary-key lookup.
@@ -35,9 +51,8 @@ impl UserModel {
     /// # Errors
     /// Any database error.
     pub async fn find_one(&self, id: i64) -> Result<Option<User>, sqlx::Error> {
-        sqlx::query_as("SELECT id, name, email, created_at FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
+        self.stash
+            .run(|conn| Box::pin(sqlx::query_as(FIND_ONE).bind(id).fetch_optional(conn)))
             .await
     }
 
@@ -46,10 +61,32 @@ impl UserModel {
     /// # Errors
     /// Any database error.
     pub async fn find_many(&self, ids: &[i64]) -> Result<Vec<User>, sqlx::Error> {
-        sqlx::query_as("SELECT id, name, email, created_at FROM users WHERE id = ANY($1)")
-            .bind(ids.to_vec())
-            .fetch_all(&self.pool)
+        self.stash
+            .run(|conn| Box::pin(sqlx::query_as(FIND_MANY).bind(ids.to_vec()).fetch_all(conn)))
             .await
+    }
+
+    /// `SELECT 1`: is the database answering?
+    ///
+    /// # Errors
+    /// Any database error.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        self.stash
+            .run(|conn| {
+                Box::pin(async move { sqlx::query("SELECT 1").execute(conn).await.map(drop) })
+            })
+            .await
+    }
+
+    /// Connections idle in the stash (the pool counts them as in use).
+    pub fn stashed(&self) -> usize {
+        self.stash.idle()
+    }
+
+    /// Hands the stash's idle connections back to the pool (before closing it: a pool waits for
+    /// every connection it lent out).
+    pub fn release_stashed(&self) {
+        self.stash.release_idle();
     }
 
     /// Inserts all `users` in one statement (`UNNEST` of two arrays) and returns the new rows, in
@@ -90,5 +127,198 @@ impl UserModel {
         sqlx::query_scalar("SELECT count(*) FROM users")
             .fetch_one(&self.pool)
             .await
+    }
+}
+
+/// Whether `err` means the connection itself failed (I/O, protocol, server shutting it down), as
+/// opposed to the query: such a connection must not be reused, and a read-only query on it may
+/// be retried on another.
+pub fn is_connection_failure(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Class 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+            // cannot connect now.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Connections handed from one finished query straight to the next, in front of the sqlx pool.
+///
+/// Measured with sqlx 0.9.1 (BENCHMARKS.md): a query run against `&PgPool` costs up to three
+/// round trips — the query, a ping when the connection is released (always) and a ping on
+/// checkout (`test_before_acquire`). Here a query takes an idle stashed connection; when none is
+/// idle and fewer than the pool's maximum are out, it acquires one more from the pool; otherwise
+/// it waits for one to come back ([`Notify`], first come first served), up to the pool's acquire
+/// timeout. After a *completed* query the connection goes back to the stash: one round trip per
+/// query. A connection whose query failed or was cancelled midway goes back to the pool, whose
+/// release ping finishes or discards it.
+///
+/// A query that fails on a reused connection because the connection died (the server restarted)
+/// is retried once on a fresh connection from the pool, so a dead connection costs no call.
+/// Only read-only queries go through the stash. Stashed connections are outside the pool's idle
+/// timeout and maximum lifetime; [`ConnectionStash::release_idle`] hands them back.
+#[derive(Debug)]
+pub struct ConnectionStash {
+    pool: PgPool,
+    idle: Mutex<Vec<PoolConnection<Postgres>>>,
+    returned: Notify,
+    /// Connections taken from the pool and not yet handed back to it (idle or leased).
+    out: AtomicUsize,
+    max: usize,
+    wait: Duration,
+}
+
+/// A connection taken from the pool on the stash's account: gives the slot back on drop.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A leased connection; dropped without [`Lease::keep`], it goes back to the pool.
+struct Lease<'a> {
+    stash: &'a ConnectionStash,
+    conn: Option<PoolConnection<Postgres>>,
+    reused: bool,
+}
+
+impl Lease<'_> {
+    fn keep(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.stash.put_back(conn);
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.stash.out.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl ConnectionStash {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            max: pool.options().get_max_connections() as usize,
+            wait: pool.options().get_acquire_timeout(),
+            pool,
+            idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+            out: AtomicUsize::new(0),
+        }
+    }
+
+    /// Idle connections in the stash (the pool counts them as in use).
+    pub fn idle(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Hands every idle connection back to the pool, e.g. before the pool closes.
+    pub fn release_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        self.out.fetch_sub(idle.len(), Ordering::AcqRel);
+        drop(idle);
+    }
+
+    /// Runs a read-only `query` on a stashed connection, retrying it once on a fresh connection
+    /// if a reused one turns out dead.
+    ///
+    /// # Errors
+    /// The query's error, or the pool's (e.g. [`sqlx::Error::PoolTimedOut`]).
+    pub async fn run<T, F>(&self, mut query: F) -> Result<T, sqlx::Error>
+    where
+        F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let mut lease = self.lease().await?;
+        let result = query(lease.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?).await;
+        match result {
+            Ok(value) => {
+                lease.keep();
+                Ok(value)
+            }
+            Err(err) if lease.reused && is_connection_failure(&err) => {
+                tracing::debug!(error = %err, "stashed connection died; retrying on a fresh one");
+                drop(lease);
+                let mut fresh = self.fresh().await?;
+                let conn = fresh.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?;
+                let retried = query(conn).await;
+                if retried.is_ok() {
+                    fresh.keep();
+                }
+                retried
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            if let Some(conn) = self.pop() {
+                return Ok(self.lent(conn, true));
+            }
+            let returned = self.returned.notified();
+            let mut returned = pin!(returned);
+            // Registered before the second look, so a return in between is not missed.
+            returned.as_mut().enable();
+            if let Some(conn) = self.pop() {
+                return Ok(self.lent(conn, true));
+            }
+            if self.out.fetch_add(1, Ordering::AcqRel) < self.max {
+                return self.acquire_counted().await;
+            }
+            self.out.fetch_sub(1, Ordering::AcqRel);
+            if tokio::time::timeout_at(deadline, returned).await.is_err() {
+                return Err(sqlx::Error::PoolTimedOut);
+            }
+        }
+    }
+
+    /// A connection straight from the pool, on the stash's account.
+    async fn fresh(&self) -> Result<Lease<'_>, sqlx::Error> {
+        self.out.fetch_add(1, Ordering::AcqRel);
+        self.acquire_counted().await
+    }
+
+    /// Acquires from the pool for a slot already counted in `out`.
+    async fn acquire_counted(&self) -> Result<Lease<'_>, sqlx::Error> {
+        // Gives the slot back if the acquire fails or is cancelled.
+        let slot = Slot(&self.out);
+        let conn = self.pool.acquire().await?;
+        std::mem::forget(slot);
+        Ok(self.lent(conn, false))
+    }
+
+    fn lent(&self, conn: PoolConnection<Postgres>, reused: bool) -> Lease<'_> {
+        Lease {
+            stash: self,
+            conn: Some(conn),
+            reused,
+        }
+    }
+
+    fn pop(&self) -> Option<PoolConnection<Postgres>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn put_back(&self, conn: PoolConnection<Postgres>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(conn);
+        self.returned.notify_one();
     }
 }

@@ -9,24 +9,25 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::svc::ServiceContext;
 use crate::telemetry::metric;
 
 #[derive(Clone)]
 struct AdminState {
-    pool: sqlx::PgPool,
+    svc: Arc<ServiceContext>,
     database_up: Arc<AtomicBool>,
 }
 
 /// The admin routes; `database_up` is kept current by the server's database monitor.
-pub fn router(pool: sqlx::PgPool, database_up: Arc<AtomicBool>) -> Router {
+pub fn router(svc: Arc<ServiceContext>, database_up: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(AdminState { pool, database_up })
+        .with_state(AdminState { svc, database_up })
 }
 
 async fn metrics(State(state): State<AdminState>) -> String {
-    metric::record_pool(&state.pool);
+    metric::record_pool(&state.svc.pool, state.svc.users.stashed());
     let handle = metric::prometheus();
     handle.run_upkeep();
     handle.render()

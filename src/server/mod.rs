@@ -155,7 +155,7 @@ impl Application {
 
         let admin = axum::serve(
             self.admin_listener,
-            admin::router(svc.pool.clone(), database_up),
+            admin::router(Arc::clone(&svc), database_up),
         )
         .with_graceful_shutdown(stop.clone().cancelled_owned());
         let admin = tokio::spawn(async move { admin.await });
@@ -193,6 +193,7 @@ impl Application {
             tracing::warn!("admin listener did not stop in time");
         }
         tracing::info!("gRPC server stopped; closing the database pool");
+        svc.users.release_stashed();
         // Calls cut off by the grace period may still hold connections: do not wait on them.
         if tokio::time::timeout(ADMIN_STOP, svc.pool.close())
             .await
@@ -217,7 +218,7 @@ async fn monitor_database(
     let interval = svc.config.health_check_interval;
     let mut serving = None;
     loop {
-        let ping = tokio::time::timeout(interval, sqlx::query("SELECT 1").execute(&svc.pool)).await;
+        let ping = tokio::time::timeout(interval, svc.users.ping()).await;
         let up = matches!(ping, Ok(Ok(_)));
         database_up.store(up, Ordering::Release);
         if serving != Some(up) {

@@ -3,7 +3,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use tonic::Code;
 use user_rpc::error::Error;
 use user_rpc::logic::{GetUserLogic, RequestContext};
@@ -261,15 +261,17 @@ async fn an_exhausted_pool_is_unavailable_and_recovers(pool: PgPool) {
         ..Default::default()
     };
     config.workers = 2;
-    let small = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(config.db_acquire_timeout)
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
-    let svc = user_rpc::svc::ServiceContext::new(config, small.clone());
     let ids = vec![users[0].id, users[1].id];
     for strategy in STRATEGIES {
+        // A fresh one-connection pool per strategy: after its first query the service's
+        // connection stash keeps that connection, so the test could not take it any more.
+        let small = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.db_acquire_timeout)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap();
+        let svc = user_rpc::svc::ServiceContext::new(config.clone(), small.clone());
         let held = small.acquire().await.unwrap();
         let err = batch(&svc, ids.clone(), strategy, false).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{strategy:?}: {err}");
@@ -373,5 +375,39 @@ async fn a_batch_with_more_workers_than_pool_connections_shares_them_without_sta
             took < std::time::Duration::from_secs(1),
             "{strategy:?} stalled for {took:?}"
         );
+    }
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_stashed_connection_that_died_costs_no_call(pool: PgPool) {
+    let users = seed(&pool, 50).await;
+    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+    let svc = context(&pool, |c| c.workers = 8);
+    // Its own connection: the stash may hold every connection of the pool.
+    let mut killer = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    for strategy in STRATEGIES {
+        // Fill the stash with connections, then kill their backends, as a restart of the
+        // server would.
+        batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        assert!(svc.users.stashed() > 0, "nothing was stashed");
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+        )
+        .fetch_one(&mut killer)
+        .await
+        .unwrap();
+        assert!(killed > 0, "no backend to kill");
+        // Every lookup that meets a dead connection retries once on a fresh one.
+        for round in 0..3 {
+            let response = batch(&svc, ids.clone(), strategy, false).await;
+            assert!(
+                response.is_ok(),
+                "{strategy:?} round {round} failed after the kill: {:?}",
+                response.err()
+            );
+        }
     }
 }

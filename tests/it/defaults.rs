@@ -291,6 +291,7 @@ async fn metrics_and_healthz_are_served_on_the_admin_port(pool: PgPool) {
         "user_rpc_db_pool_connections",
         "user_rpc_db_pool_idle_connections",
         "user_rpc_db_pool_max_connections ",
+        "user_rpc_db_stash_idle_connections ",
     ] {
         assert!(
             body.contains(expected),
