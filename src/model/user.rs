@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres};
 use tokio::sync::Notify;
 
 const FIND_ONE: &str = "SELECT id, name, email, created_at FROM users WHERE id = $1";
@@ -157,18 +157,27 @@ pub fn is_connection_failure(err: &sqlx::Error) -> bool {
 /// release ping finishes or discards it.
 ///
 /// A query that fails on a reused connection because the connection died (the server restarted)
-/// is retried once on a fresh connection from the pool, so a dead connection costs no call.
+/// is retried once on a fresh connection from the pool, so a dead connection costs no call. A
+/// query abandoned midway (deadline, caller gone) is cancelled in PostgreSQL with
+/// `pg_cancel_backend`, so no work of a finished call goes on in the database.
 /// Only read-only queries go through the stash. Stashed connections are outside the pool's idle
 /// timeout and maximum lifetime; [`ConnectionStash::release_idle`] hands them back.
 #[derive(Debug)]
 pub struct ConnectionStash {
     pool: PgPool,
-    idle: Mutex<Vec<PoolConnection<Postgres>>>,
+    idle: Mutex<Vec<Stashed>>,
     returned: Notify,
     /// Connections taken from the pool and not yet handed back to it (idle or leased).
     out: AtomicUsize,
     max: usize,
     wait: Duration,
+}
+
+/// A connection of the stash and the PID of its server process, for `pg_cancel_backend`.
+#[derive(Debug)]
+struct Stashed {
+    conn: PoolConnection<Postgres>,
+    pid: i32,
 }
 
 /// A connection taken from the pool on the stash's account: gives the slot back on drop.
@@ -180,25 +189,41 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A leased connection; dropped without [`Lease::keep`], it goes back to the pool.
+/// A leased connection; dropped without [`Lease::keep`], it goes back to the pool, and if it
+/// was dropped while its query still ran (the call's deadline passed, the caller went away),
+/// that query is cancelled in PostgreSQL first.
 struct Lease<'a> {
     stash: &'a ConnectionStash,
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<Stashed>,
     reused: bool,
+    /// The query has returned (success or error): nothing runs on the server any more.
+    finished: bool,
 }
 
 impl Lease<'_> {
+    fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        self.conn
+            .as_mut()
+            .map(|s| &mut *s.conn)
+            .ok_or(sqlx::Error::PoolClosed)
+    }
+
     fn keep(mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.stash.put_back(conn);
+        if let Some(stashed) = self.conn.take() {
+            self.stash.put_back(stashed);
         }
     }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if self.conn.take().is_some() {
+        if let Some(stashed) = self.conn.take() {
             self.stash.out.fetch_sub(1, Ordering::AcqRel);
+            if self.finished {
+                drop(stashed.conn);
+            } else {
+                self.stash.cancel_then_release(stashed);
+            }
         }
     }
 }
@@ -240,7 +265,8 @@ impl ConnectionStash {
         F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
         let mut lease = self.lease().await?;
-        let result = query(lease.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?).await;
+        let result = query(lease.conn()?).await;
+        lease.finished = true;
         match result {
             Ok(value) => {
                 lease.keep();
@@ -250,8 +276,8 @@ impl ConnectionStash {
                 tracing::debug!(error = %err, "stashed connection died; retrying on a fresh one");
                 drop(lease);
                 let mut fresh = self.fresh().await?;
-                let conn = fresh.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?;
-                let retried = query(conn).await;
+                let retried = query(fresh.conn()?).await;
+                fresh.finished = true;
                 if retried.is_ok() {
                     fresh.keep();
                 }
@@ -294,31 +320,64 @@ impl ConnectionStash {
     async fn acquire_counted(&self) -> Result<Lease<'_>, sqlx::Error> {
         // Gives the slot back if the acquire fails or is cancelled.
         let slot = Slot(&self.out);
-        let conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await?;
+        // Once per connection: the PID lets a cancelled call stop its query in PostgreSQL.
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await?;
         std::mem::forget(slot);
-        Ok(self.lent(conn, false))
+        Ok(self.lent(Stashed { conn, pid }, false))
     }
 
-    fn lent(&self, conn: PoolConnection<Postgres>, reused: bool) -> Lease<'_> {
+    fn lent(&self, conn: Stashed, reused: bool) -> Lease<'_> {
         Lease {
             stash: self,
             conn: Some(conn),
             reused,
+            finished: false,
         }
     }
 
-    fn pop(&self) -> Option<PoolConnection<Postgres>> {
+    /// Cancels the query still running on `stashed` (over a connection of its own), then hands
+    /// the connection back to the pool. The connection stays out of reach until the cancel has
+    /// been delivered, so it can only hit the abandoned query, never a later one; if it lands
+    /// after all, the pool's release ping fails and the pool discards the connection. Without
+    /// this an abandoned query would run, or wait on a lock, to its end.
+    fn cancel_then_release(&self, stashed: Stashed) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let options = self.pool.connect_options();
+        runtime.spawn(async move {
+            let Stashed { conn, pid } = stashed;
+            let cancelled = async {
+                let mut canceller = PgConnection::connect_with(&options).await?;
+                sqlx::query("SELECT pg_cancel_backend($1)")
+                    .bind(pid)
+                    .execute(&mut canceller)
+                    .await?;
+                canceller.close().await
+            };
+            if let Err(err) = cancelled.await {
+                tracing::warn!(pid, error = %err, "could not cancel an abandoned query");
+            }
+            // Back to the pool, whose release ping waits for the cancelled query to end.
+            drop(conn);
+        });
+    }
+
+    fn pop(&self) -> Option<Stashed> {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
     }
 
-    fn put_back(&self, conn: PoolConnection<Postgres>) {
+    fn put_back(&self, stashed: Stashed) {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(conn);
+            .push(stashed);
         self.returned.notify_one();
     }
 }

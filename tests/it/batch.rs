@@ -411,3 +411,58 @@ async fn a_stashed_connection_that_died_costs_no_call(pool: PgPool) {
         }
     }
 }
+
+/// Queries of the service still waiting in PostgreSQL (seen from the test's own connection).
+async fn waiting_lookups(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND state = 'active' AND query LIKE 'SELECT id, name, email, created_at FROM users%'",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_deadline_cancels_the_calls_queries_in_postgres(pool: PgPool) {
+    let users = seed(&pool, 50).await;
+    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
+    let svc = context(&pool, |c| c.workers = 4);
+    let mut observer = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let mut locker = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    for strategy in STRATEGIES {
+        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+        sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let ctx = RequestContext::with_timeout(std::time::Duration::from_millis(200));
+        let err = user_rpc::logic::BatchGetUsersLogic::new(ctx, &svc)
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids: ids.clone(),
+                strategy: strategy.into(),
+                allow_missing: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{strategy:?}");
+        // The lock is still held: only a cancel can have ended the queries.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut waiting = waiting_lookups(&mut observer).await;
+        while waiting > 0 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            waiting = waiting_lookups(&mut observer).await;
+        }
+        assert_eq!(
+            waiting, 0,
+            "{strategy:?}: queries of a timed-out call still wait in PostgreSQL"
+        );
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        let again = batch(&svc, ids.clone(), strategy, false).await.unwrap();
+        assert_eq!(again.users.len(), 50, "{strategy:?} did not recover");
+    }
+}
