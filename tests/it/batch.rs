@@ -9,7 +9,7 @@ use user_rpc::error::Error;
 use user_rpc::logic::{GetUserLogic, RequestContext};
 use user_rpc::pb::{self, Strategy};
 
-use crate::support::{STRATEGIES, batch, context, seed};
+use crate::support::{STRATEGIES, batch, batch_within, context, seed, small_pool};
 
 fn ids_of(response: &pb::BatchGetUsersResponse) -> Vec<i64> {
     response.users.iter().map(|u| u.id).collect()
@@ -265,12 +265,7 @@ async fn an_exhausted_pool_is_unavailable_and_recovers(pool: PgPool) {
     for strategy in STRATEGIES {
         // A fresh one-connection pool per strategy: after its first query the service's
         // connection stash keeps that connection, so the test could not take it any more.
-        let small = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(config.db_acquire_timeout)
-            .connect_with((*pool.connect_options()).clone())
-            .await
-            .unwrap();
+        let small = small_pool(&pool, 1, config.db_acquire_timeout).await;
         let svc = user_rpc::svc::ServiceContext::new(config.clone(), small.clone());
         let held = small.acquire().await.unwrap();
         let err = batch(&svc, ids.clone(), strategy, false).await.unwrap_err();
@@ -320,15 +315,15 @@ async fn a_blocked_database_hits_the_server_deadline_with_deadline_exceeded(pool
         .unwrap();
     for strategy in STRATEGIES {
         let started = std::time::Instant::now();
-        let ctx = RequestContext::with_timeout(std::time::Duration::from_millis(200));
-        let err = user_rpc::logic::BatchGetUsersLogic::new(ctx, &svc)
-            .batch_get_users(pb::BatchGetUsersRequest {
-                ids: ids.clone(),
-                strategy: strategy.into(),
-                allow_missing: false,
-            })
-            .await
-            .unwrap_err();
+        let err = batch_within(
+            &svc,
+            ids.clone(),
+            strategy,
+            false,
+            std::time::Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
         let took = started.elapsed();
         assert_eq!(err.code(), Code::DeadlineExceeded, "{strategy:?}: {err}");
         assert!(
@@ -358,12 +353,7 @@ async fn a_batch_with_more_workers_than_pool_connections_shares_them_without_sta
         db_acquire_timeout: std::time::Duration::from_secs(2),
         ..Default::default()
     };
-    let small = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(config.db_acquire_timeout)
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
+    let small = small_pool(&pool, 2, config.db_acquire_timeout).await;
     let svc = user_rpc::svc::ServiceContext::new(config, small);
     for strategy in [Strategy::Errgroup, Strategy::Mapreduce] {
         let started = std::time::Instant::now();
@@ -440,15 +430,15 @@ async fn a_deadline_cancels_the_calls_queries_in_postgres(pool: PgPool) {
             .execute(&mut locker)
             .await
             .unwrap();
-        let ctx = RequestContext::with_timeout(std::time::Duration::from_millis(200));
-        let err = user_rpc::logic::BatchGetUsersLogic::new(ctx, &svc)
-            .batch_get_users(pb::BatchGetUsersRequest {
-                ids: ids.clone(),
-                strategy: strategy.into(),
-                allow_missing: false,
-            })
-            .await
-            .unwrap_err();
+        let err = batch_within(
+            &svc,
+            ids.clone(),
+            strategy,
+            false,
+            std::time::Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code(), Code::DeadlineExceeded, "{strategy:?}");
         // The lock is still held: only a cancel can have ended the queries.
         let until = std::time::Instant::now() + std::time::Duration::from_secs(2);

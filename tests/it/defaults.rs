@@ -12,7 +12,7 @@ use user_rpc::error::Error;
 use user_rpc::pb::{self, Strategy};
 use user_rpc::server::call::{CallGuard, CallInfo};
 
-use crate::support::{STRATEGIES, TestServer, context, seed};
+use crate::support::{STRATEGIES, TestServer, context, seed, unreachable_pool};
 
 /// Holds an exclusive lock on `users` until dropped: every lookup waits behind it.
 async fn lock_users(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
@@ -311,10 +311,7 @@ async fn metrics_and_healthz_are_served_on_the_admin_port(pool: PgPool) {
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
 async fn healthz_is_503_while_the_database_is_unreachable(pool: PgPool) {
-    let options = (*pool.connect_options()).clone().port(1);
-    let unreachable = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(200))
-        .connect_lazy_with(options);
+    let unreachable = unreachable_pool(&pool);
     let svc = user_rpc::svc::ServiceContext::new(
         Config {
             health_check_interval: Duration::from_millis(50),

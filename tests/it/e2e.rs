@@ -11,7 +11,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_types::StatusExt as _;
 use user_rpc::pb::{self, Strategy};
 
-use crate::support::{STRATEGIES, TestServer, context, seed};
+use crate::support::{STRATEGIES, TestServer, context, seed, unreachable_pool};
 
 async fn wait_for_serving(server: &TestServer, service: &str) -> ServingStatus {
     let mut health = HealthClient::new(server.channel().await);
@@ -118,12 +118,7 @@ async fn health_is_serving_once_the_database_answers_and_not_serving_after_shutd
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
 async fn health_is_not_serving_while_the_database_is_unreachable(pool: PgPool) {
-    // A pool pointing at a port where nothing listens.
-    let mut options = (*pool.connect_options()).clone();
-    options = options.port(1);
-    let unreachable = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(200))
-        .connect_lazy_with(options);
+    let unreachable = unreachable_pool(&pool);
     let svc = user_rpc::svc::ServiceContext::new(
         user_rpc::config::Config {
             health_check_interval: Duration::from_millis(50),

@@ -45,14 +45,25 @@ pub fn context(pool: &PgPool, tweak: impl FnOnce(&mut Config)) -> ServiceContext
     ServiceContext::new(config, pool.clone())
 }
 
-/// Runs BatchGetUsers through its logic (no transport).
+/// Runs BatchGetUsers through its logic (no transport), with a generous deadline.
 pub async fn batch(
     svc: &ServiceContext,
     ids: Vec<i64>,
     strategy: Strategy,
     allow_missing: bool,
 ) -> Result<pb::BatchGetUsersResponse, user_rpc::error::Error> {
-    let ctx = RequestContext::with_timeout(Duration::from_secs(10));
+    batch_within(svc, ids, strategy, allow_missing, Duration::from_secs(10)).await
+}
+
+/// Runs BatchGetUsers through its logic (no transport) with the given deadline.
+pub async fn batch_within(
+    svc: &ServiceContext,
+    ids: Vec<i64>,
+    strategy: Strategy,
+    allow_missing: bool,
+    timeout: Duration,
+) -> Result<pb::BatchGetUsersResponse, user_rpc::error::Error> {
+    let ctx = RequestContext::with_timeout(timeout);
     BatchGetUsersLogic::new(ctx, svc)
         .batch_get_users(pb::BatchGetUsersRequest {
             ids,
@@ -60,6 +71,23 @@ pub async fn batch(
             allow_missing,
         })
         .await
+}
+
+/// A pool of at most `max` connections to the test database.
+pub async fn small_pool(pool: &PgPool, max: u32, acquire_timeout: Duration) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap()
+}
+
+/// A lazy pool whose server does not exist (nothing listens on port 1).
+pub fn unreachable_pool(pool: &PgPool) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy_with((*pool.connect_options()).clone().port(1))
 }
 
 /// A server on a real socket, stopped when dropped.
