@@ -151,8 +151,8 @@ pub fn is_connection_failure(err: &sqlx::Error) -> bool {
 /// round trips — the query, a ping when the connection is released (always) and a ping on
 /// checkout (`test_before_acquire`). Here a query takes an idle stashed connection; when none is
 /// idle and fewer than the pool's maximum are out, it acquires one more from the pool; otherwise
-/// it waits for one to come back ([`Notify`], first come first served), up to the pool's acquire
-/// timeout. After a *completed* query the connection goes back to the stash: one round trip per
+/// it waits until one comes back or leaves for the pool ([`Notify`], first come first served),
+/// up to the pool's acquire timeout. After a *completed* query the connection goes back to the stash: one round trip per
 /// query. A connection whose query failed or was cancelled midway goes back to the pool, whose
 /// release ping finishes or discards it.
 ///
@@ -180,12 +180,13 @@ struct Stashed {
     pid: i32,
 }
 
-/// A connection taken from the pool on the stash's account: gives the slot back on drop.
-struct Slot<'a>(&'a AtomicUsize);
+/// A connection being taken from the pool on the stash's account: gives the slot back if the
+/// acquire fails or is cancelled.
+struct Slot<'a>(&'a ConnectionStash);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.give_back_slot();
     }
 }
 
@@ -218,7 +219,7 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(stashed) = self.conn.take() {
-            self.stash.out.fetch_sub(1, Ordering::AcqRel);
+            self.stash.give_back_slot();
             if self.finished {
                 drop(stashed.conn);
             } else {
@@ -253,6 +254,14 @@ impl ConnectionStash {
         let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
         self.out.fetch_sub(idle.len(), Ordering::AcqRel);
         drop(idle);
+        self.returned.notify_waiters();
+    }
+
+    /// One connection fewer on the stash's account (it went back to the pool, or never came):
+    /// a lookup waiting because the stash was full may now take one from the pool.
+    fn give_back_slot(&self) {
+        self.out.fetch_sub(1, Ordering::AcqRel);
+        self.returned.notify_one();
     }
 
     /// Runs a read-only `query` on a stashed connection, retrying it once on a fresh connection
@@ -319,7 +328,7 @@ impl ConnectionStash {
     /// Acquires from the pool for a slot already counted in `out`.
     async fn acquire_counted(&self) -> Result<Lease<'_>, sqlx::Error> {
         // Gives the slot back if the acquire fails or is cancelled.
-        let slot = Slot(&self.out);
+        let slot = Slot(self);
         let mut conn = self.pool.acquire().await?;
         // Once per connection: the PID lets a cancelled call stop its query in PostgreSQL.
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")

@@ -456,3 +456,27 @@ async fn a_deadline_cancels_the_calls_queries_in_postgres(pool: PgPool) {
         assert_eq!(again.users.len(), 50, "{strategy:?} did not recover");
     }
 }
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_lookup_waiting_for_a_connection_gets_one_when_another_lookup_fails(pool: PgPool) {
+    let users = seed(&pool, 3).await;
+    let model = user_rpc::model::UserModel::new(
+        small_pool(&pool, 1, std::time::Duration::from_secs(3)).await,
+    );
+    poison(&pool, users[0].id).await;
+    // The failing lookup holds the only connection; the other waits for it. When the failure
+    // hands that connection back to the pool, the waiter must take it at once, not time out.
+    let started = std::time::Instant::now();
+    let (failed, found) = tokio::join!(model.find_one(users[0].id), async {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        model.find_one(users[1].id).await
+    });
+    let took = started.elapsed();
+    heal(&pool).await;
+    assert!(failed.is_err(), "the poisoned row did not fail");
+    assert_eq!(found.unwrap().map(|u| u.id), Some(users[1].id));
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the waiter slept until its timeout: {took:?}"
+    );
+}
