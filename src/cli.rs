@@ -37,6 +37,11 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// Also export tracing spans over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317
+    /// [default: off].
+    #[arg(long, global = true, env = "USER_RPC_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,9 +1,15 @@
 //! Logging: `tracing` to stderr, human-readable by default or JSON, filtered by `RUST_LOG`
 //! (default `info`, with sqlx's per-query logs at `warn`). Colours only on a terminal.
+//! Optionally, the same spans are exported over OTLP/gRPC (off unless an endpoint is given).
 
 use std::io::IsTerminal as _;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -13,18 +19,62 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; a second call (tests) keeps the first one.
-pub fn init(format: LogFormat) {
+/// Keeps the OTLP exporter alive; dropping it flushes the spans not yet sent.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    otlp: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.otlp.take()
+            && let Err(err) = provider.shutdown()
+        {
+            eprintln!("warning: could not flush OTLP spans: {err}");
+        }
+    }
+}
+
+/// Installs the global subscriber (a second call, as in tests, keeps the first one); with
+/// `otlp_endpoint` (e.g. `http://127.0.0.1:4317`), spans are also exported there over OTLP/gRPC.
+/// Must run inside a tokio runtime when an endpoint is given.
+///
+/// # Errors
+/// If the OTLP exporter cannot be built from the endpoint.
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _already_set = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let provider = otlp_endpoint.map(otlp_provider).transpose()?;
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("user-rpc")));
+    let _already_set = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(Telemetry { otlp: provider })
+}
+
+fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("user-rpc")
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// Prometheus metrics through the `metrics` facade. Names and buckets mirror go-zero's server
