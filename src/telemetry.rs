@@ -102,6 +102,8 @@ pub mod metric {
     pub const POOL_IDLE: &str = "user_rpc_db_pool_idle_connections";
     /// Connections idle in the model's stash (the pool counts them as in use).
     pub const STASH_IDLE: &str = "user_rpc_db_stash_idle_connections";
+    /// Lookups waiting for a database connection.
+    pub const WAITING: &str = "user_rpc_db_waiting_lookups";
     /// The pool's configured maximum.
     pub const POOL_MAX: &str = "user_rpc_db_pool_max_connections";
 
@@ -151,8 +153,9 @@ pub mod metric {
     }
 
     /// Publishes the pool's state (called on every scrape).
-    pub fn record_pool(pool: &sqlx::PgPool, stashed: usize) {
+    pub fn record_pool(pool: &sqlx::PgPool, stashed: usize, waiting: usize) {
         metrics::gauge!(STASH_IDLE).set(stashed as f64);
+        metrics::gauge!(WAITING).set(waiting as f64);
         metrics::gauge!(POOL_CONNECTIONS).set(f64::from(pool.size()));
         metrics::gauge!(POOL_IDLE).set(pool.num_idle() as f64);
         metrics::gauge!(POOL_MAX).set(f64::from(pool.options().get_max_connections()));

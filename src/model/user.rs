@@ -65,6 +65,7 @@ impl UserModel {
     ///
     /// # Errors
     /// Any database error.
+    #[tracing::instrument(level = "debug", name = "db.find_one", skip(self))]
     pub async fn find_one(&self, id: i64) -> Result<Option<User>, sqlx::Error> {
         self.stash
             .run(|conn| Box::pin(sqlx::query_as(FIND_ONE).bind(id).fetch_optional(conn)))
@@ -75,6 +76,7 @@ impl UserModel {
     ///
     /// # Errors
     /// Any database error.
+    #[tracing::instrument(level = "debug", name = "db.find_many", skip_all, fields(ids = ids.len()))]
     pub async fn find_many(&self, ids: &[i64]) -> Result<Vec<User>, sqlx::Error> {
         self.stash
             .run(|conn| Box::pin(sqlx::query_as(FIND_MANY).bind(ids.to_vec()).fetch_all(conn)))
@@ -96,6 +98,11 @@ impl UserModel {
     /// Connections idle in the stash (the pool counts them as in use).
     pub fn stashed(&self) -> usize {
         self.stash.idle()
+    }
+
+    /// Lookups waiting for a connection right now.
+    pub fn waiting(&self) -> usize {
+        self.stash.waiting.load(Ordering::Acquire)
     }
 
     /// Hands the stash's idle connections back to the pool (before closing it: a pool waits for
@@ -184,6 +191,8 @@ pub struct ConnectionStash {
     returned: Notify,
     /// Connections taken from the pool and not yet handed back to it (idle or leased).
     out: AtomicUsize,
+    /// Lookups waiting for a connection (from the stash or the pool).
+    waiting: AtomicUsize,
     max: usize,
     wait: Duration,
 }
@@ -193,6 +202,15 @@ pub struct ConnectionStash {
 struct Stashed {
     conn: PoolConnection<Postgres>,
     pid: i32,
+}
+
+/// Counts a lookup as waiting for a connection until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A connection being taken from the pool on the stash's account: gives the slot back if the
@@ -253,6 +271,7 @@ impl ConnectionStash {
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
             out: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -312,6 +331,11 @@ impl ConnectionStash {
     }
 
     async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+        if let Some(conn) = self.pop() {
+            return Ok(self.lent(conn, true));
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {
             if let Some(conn) = self.pop() {

@@ -27,7 +27,11 @@ pub fn router(svc: Arc<ServiceContext>, database_up: Arc<AtomicBool>) -> Router 
 }
 
 async fn metrics(State(state): State<AdminState>) -> String {
-    metric::record_pool(&state.svc.pool, state.svc.users.stashed());
+    metric::record_pool(
+        &state.svc.pool,
+        state.svc.users.stashed(),
+        state.svc.users.waiting(),
+    );
     let handle = metric::prometheus();
     handle.run_upkeep();
     handle.render()

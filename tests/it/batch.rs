@@ -480,3 +480,37 @@ async fn a_lookup_waiting_for_a_connection_gets_one_when_another_lookup_fails(po
         "the waiter slept until its timeout: {took:?}"
     );
 }
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn lookups_waiting_for_a_connection_are_counted(pool: PgPool) {
+    let users = seed(&pool, 2).await;
+    let model = user_rpc::model::UserModel::new(
+        small_pool(&pool, 1, std::time::Duration::from_secs(5)).await,
+    );
+    let mut locker = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    // The first lookup holds the only connection (blocked on the lock); the second waits for it.
+    let (first, second, observed) = tokio::join!(
+        model.find_one(users[0].id),
+        model.find_one(users[1].id),
+        async {
+            // By then the first lookup has its connection and waits on the lock.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let waiting = model.waiting();
+            sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+            waiting
+        }
+    );
+    assert_eq!(
+        observed, 1,
+        "one lookup waits while the other holds the only connection"
+    );
+    assert!(first.unwrap().is_some() && second.unwrap().is_some());
+    assert_eq!(model.waiting(), 0);
+}

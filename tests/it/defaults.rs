@@ -292,6 +292,7 @@ async fn metrics_and_healthz_are_served_on_the_admin_port(pool: PgPool) {
         "user_rpc_db_pool_idle_connections",
         "user_rpc_db_pool_max_connections ",
         "user_rpc_db_stash_idle_connections ",
+        "user_rpc_db_waiting_lookups ",
     ] {
         assert!(
             body.contains(expected),
