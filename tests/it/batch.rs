@@ -9,7 +9,9 @@ use user_rpc::error::Error;
 use user_rpc::logic::{GetUserLogic, RequestContext};
 use user_rpc::pb::{self, Strategy};
 
-use crate::support::{STRATEGIES, batch, batch_within, context, seed, small_pool};
+use crate::support::{
+    STRATEGIES, batch, batch_within, context, lock_users, lock_users_on, seed, small_pool,
+};
 
 fn ids_of(response: &pb::BatchGetUsersResponse) -> Vec<i64> {
     response.users.iter().map(|u| u.id).collect()
@@ -308,11 +310,7 @@ async fn a_blocked_database_hits_the_server_deadline_with_deadline_exceeded(pool
     let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
     let svc = context(&pool, |_| {});
     // Another session holds an exclusive lock: every lookup of `users` waits behind it.
-    let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = lock_users(&pool).await;
     for strategy in STRATEGIES {
         let started = std::time::Instant::now();
         let err = batch_within(
@@ -425,11 +423,7 @@ async fn a_deadline_cancels_the_calls_queries_in_postgres(pool: PgPool) {
         .await
         .unwrap();
     for strategy in STRATEGIES {
-        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-        sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut locker)
-            .await
-            .unwrap();
+        lock_users_on(&mut locker).await;
         let err = batch_within(
             &svc,
             ids.clone(),
@@ -490,11 +484,7 @@ async fn lookups_waiting_for_a_connection_are_counted(pool: PgPool) {
     let mut locker = sqlx::PgConnection::connect_with(&pool.connect_options())
         .await
         .unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    lock_users_on(&mut locker).await;
     // The first lookup holds the only connection (blocked on the lock); the second waits for it.
     let (first, second, observed) = tokio::join!(
         model.find_one(users[0].id),

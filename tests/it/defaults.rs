@@ -12,17 +12,7 @@ use user_rpc::error::Error;
 use user_rpc::pb::{self, Strategy};
 use user_rpc::server::call::{CallGuard, CallInfo};
 
-use crate::support::{STRATEGIES, TestServer, context, seed, unreachable_pool};
-
-/// Holds an exclusive lock on `users` until dropped: every lookup waits behind it.
-async fn lock_users(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx
-}
+use crate::support::{STRATEGIES, TestServer, context, lock_users, seed, unreachable_pool};
 
 fn batch_request(
     ids: Vec<i64>,

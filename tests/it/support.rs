@@ -73,6 +73,25 @@ pub async fn batch_within(
         .await
 }
 
+/// Holds an exclusive lock on `users` until the transaction ends: every lookup waits behind it.
+pub async fn lock_users(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// [`lock_users`] on a connection of the test's own (outside any pool), until `ROLLBACK`.
+pub async fn lock_users_on(conn: &mut sqlx::PgConnection) {
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 /// A pool of at most `max` connections to the test database.
 pub async fn small_pool(pool: &PgPool, max: u32, acquire_timeout: Duration) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
