@@ -12,6 +12,7 @@ mod user_service;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -73,14 +74,18 @@ pub struct Application {
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
     svc: Arc<ServiceContext>,
+    /// Create the database if missing and apply migrations (with backoff) before SERVING.
+    prepare_database: bool,
 }
 
 impl Application {
-    /// Creates the database if missing, applies migrations unless `skip_migrations`, and binds
-    /// `listen` for gRPC and `admin` for HTTP (port 0 picks a free port).
+    /// Binds `listen` for gRPC and `admin` for HTTP (port 0 picks a free port). Unless
+    /// `skip_migrations`, once serving it creates the database if missing and applies the
+    /// migrations, retrying with backoff while the database is unreachable: the server starts
+    /// even when the database is down, and health stays NOT_SERVING until it is ready.
     ///
     /// # Errors
-    /// If the database cannot be created or migrated, or the address cannot be bound.
+    /// If the database URL is invalid or an address cannot be bound.
     pub async fn build(
         config: Config,
         listen: SocketAddr,
@@ -88,15 +93,9 @@ impl Application {
         skip_migrations: bool,
     ) -> anyhow::Result<Self> {
         let svc = ServiceContext::connect_lazy(config).context("invalid database URL")?;
-        if !skip_migrations {
-            svc::create_database_if_missing(&svc.config.database_url)
-                .await
-                .context("cannot create the database")?;
-            svc::migrate(&svc.pool)
-                .await
-                .context("cannot apply migrations")?;
-        }
-        Self::bind(svc, listen, admin).await
+        let mut app = Self::bind(svc, listen, admin).await?;
+        app.prepare_database = !skip_migrations;
+        Ok(app)
     }
 
     /// Binds `listen` (gRPC) and `admin` (HTTP) for an existing context (tests pass the pool of
@@ -121,6 +120,7 @@ impl Application {
             admin_addr: admin_listener.local_addr()?,
             admin_listener,
             svc: Arc::new(svc),
+            prepare_database: false,
         })
     }
 
@@ -146,10 +146,12 @@ impl Application {
         let svc = self.svc;
         let (routes, reporter) = routes(Arc::clone(&svc))?;
         let database_up = Arc::new(AtomicBool::new(false));
+        set_status(&reporter, ServingStatus::NotServing).await;
         let monitor = tokio::spawn(monitor_database(
             Arc::clone(&svc),
             reporter.clone(),
             Arc::clone(&database_up),
+            self.prepare_database,
         ));
         let stop = CancellationToken::new();
 
@@ -207,14 +209,53 @@ impl Application {
 }
 
 /// How long the admin listener and the pool get to close after the gRPC server stopped.
-const ADMIN_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+const ADMIN_STOP: Duration = Duration::from_secs(1);
 
-/// Keeps the health service honest: SERVING only while the database answers `SELECT 1`.
+/// Longest wait between two attempts to prepare an unreachable database.
+const MAX_PREPARE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Creates the database if missing and applies the migrations, retrying with exponential backoff
+/// (100 ms doubling to 5 s) until it works. Every failure is logged with its cause.
+async fn prepare_database(svc: &ServiceContext) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let prepared = async {
+            svc::create_database_if_missing(&svc.config.database_url)
+                .await
+                .context("cannot create the database")?;
+            svc::migrate(&svc.pool)
+                .await
+                .context("cannot apply migrations")?;
+            anyhow::Ok(())
+        }
+        .await;
+        match prepared {
+            Ok(()) => {
+                tracing::info!("database ready: created if missing, migrations applied");
+                return;
+            }
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                retry_in = ?delay,
+                "database not ready: NOT_SERVING"
+            ),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_PREPARE_BACKOFF);
+    }
+}
+
+/// Keeps the health service honest: SERVING only once the database is prepared (when asked) and
+/// while it answers `SELECT 1`.
 async fn monitor_database(
     svc: Arc<ServiceContext>,
     reporter: HealthReporter,
     database_up: Arc<AtomicBool>,
+    prepare: bool,
 ) {
+    if prepare {
+        prepare_database(&svc).await;
+    }
     let interval = svc.config.health_check_interval;
     let mut serving = None;
     loop {

