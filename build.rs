@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("user_descriptor.bin"),
         protox::prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Decode failures are the peer's bytes, not our fault: INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ProstCodec")
+        .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

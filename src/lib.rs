@@ -13,6 +13,7 @@
 //! - [`loadgen`]: the load generator behind `user-rpc bench` and `user-rpc demo`.
 
 pub mod cli;
+pub mod codec;
 pub mod concurrency;
 pub mod config;
 pub mod error;

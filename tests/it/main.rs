@@ -2,6 +2,7 @@
 //!
 //! Tests that need PostgreSQL read `DATABASE_URL` (see README); the concurrency tests need nothing.
 
+mod bad_input;
 mod batch;
 mod cli;
 mod defaults;
