@@ -354,15 +354,8 @@ impl Cli {
 }
 
 async fn prepare_database(config: Config) -> anyhow::Result<ServiceContext> {
-    svc::create_database_if_missing(&config.database_url)
-        .await
-        .with_context(
-            || "cannot reach PostgreSQL to create the database (is it running? check DATABASE_URL)",
-        )?;
     let svc = ServiceContext::connect_lazy(config)?;
-    svc::migrate(&svc.pool)
-        .await
-        .context("cannot apply migrations")?;
+    svc::prepare(&svc).await?;
     Ok(svc)
 }
 

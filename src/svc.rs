@@ -57,6 +57,24 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, sqlx::Error> 
     Ok(true)
 }
 
+/// Creates the database if missing and applies the pending migrations: what `serve`, `migrate`
+/// and `seed` do first.
+///
+/// # Errors
+/// If the server cannot be reached, refuses, or a migration fails.
+pub async fn prepare(svc: &ServiceContext) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    create_database_if_missing(&svc.config.database_url)
+        .await
+        .context(
+            "cannot reach PostgreSQL to create the database (is it running? check DATABASE_URL)",
+        )?;
+    migrate(&svc.pool)
+        .await
+        .context("cannot apply migrations")?;
+    Ok(())
+}
+
 /// Applies the embedded migrations that have not run yet.
 ///
 /// # Errors

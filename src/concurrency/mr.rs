@@ -139,11 +139,6 @@ impl Options {
         self.deadline = Some(deadline);
         self
     }
-
-    /// The configured number of workers.
-    pub fn worker_count(&self) -> usize {
-        self.workers
-    }
 }
 
 /// Where the generator sends items (go-zero's `source chan<- T`).

@@ -219,17 +219,7 @@ const MAX_PREPARE_BACKOFF: Duration = Duration::from_secs(5);
 async fn prepare_database(svc: &ServiceContext) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let prepared = async {
-            svc::create_database_if_missing(&svc.config.database_url)
-                .await
-                .context("cannot create the database")?;
-            svc::migrate(&svc.pool)
-                .await
-                .context("cannot apply migrations")?;
-            anyhow::Ok(())
-        }
-        .await;
-        match prepared {
+        match svc::prepare(svc).await {
             Ok(()) => {
                 tracing::info!("database ready: created if missing, migrations applied");
                 return;

@@ -102,7 +102,7 @@ async fn errors_reach_the_client_with_their_code_and_field_violations(pool: PgPo
 }
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
-async fn health_is_serving_once_the_database_answers_and_not_serving_after_shutdown(pool: PgPool) {
+async fn health_is_serving_once_the_database_answers_and_shutdown_returns_cleanly(pool: PgPool) {
     let server = TestServer::start(context(&pool, |c| {
         c.health_check_interval = Duration::from_millis(50);
     }))

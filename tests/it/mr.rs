@@ -487,11 +487,14 @@ async fn for_each_runs_every_item() {
 #[tokio::test(start_paused = true)]
 async fn finish_returns_the_first_error_and_stops_the_rest() {
     let live = Live::new();
+    let completed = Arc::new(Mutex::new(Vec::new()));
     let futures = (0..5_u64).map(|i| {
         let guard = live.guard();
+        let completed = Arc::clone(&completed);
         async move {
             let _guard = guard;
             tokio::time::sleep(Duration::from_millis(10 * (i + 1))).await;
+            completed.lock().unwrap().push(i);
             if i == 1 {
                 Err(format!("job {i}"))
             } else {
@@ -501,9 +504,10 @@ async fn finish_returns_the_first_error_and_stops_the_rest() {
     });
     let result = finish(futures.collect::<Vec<_>>()).await;
     assert_eq!(result, Err(MrError::Failed("job 1".to_string())));
-    assert_eq!(live.alive(), 0);
-    // Jobs 2..5 were still sleeping and were dropped, so they never completed.
-    assert_eq!(live.started(), 5);
+    assert_eq!(live.alive(), 0, "a job outlived finish");
+    // Jobs 2..5 were still sleeping when job 1 failed: they were dropped, not run to the end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*completed.lock().unwrap(), vec![0, 1]);
 }
 
 #[tokio::test(start_paused = true)]

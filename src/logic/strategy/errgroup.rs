@@ -50,9 +50,6 @@ pub async fn fetch(
             .map_err(anyhow::Error::from)?;
     }
     group.wait().await?;
-    if ctx.token.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
     let mut found = found.lock().unwrap_or_else(PoisonError::into_inner);
     Ok(std::mem::take(&mut *found))
 }
