@@ -11,6 +11,9 @@ use crate::model::UserModel;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The `application_name` the service's database sessions carry unless the URL names another.
+pub const APPLICATION_NAME: &str = "user-rpc";
+
 /// Configuration, pool and models: what every logic reads, and nothing per-request.
 #[derive(Debug, Clone)]
 pub struct ServiceContext {
@@ -35,7 +38,11 @@ impl ServiceContext {
     /// # Errors
     /// If `database_url` is not a valid PostgreSQL URL.
     pub fn connect_lazy(config: Config) -> Result<Self, sqlx::Error> {
-        let options: PgConnectOptions = config.database_url.parse()?;
+        let mut options: PgConnectOptions = config.database_url.parse()?;
+        // Named in pg_stat_activity, so operators can tell the service's sessions apart.
+        if options.get_application_name().is_none() {
+            options = options.application_name(APPLICATION_NAME);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
             .acquire_timeout(config.db_acquire_timeout)

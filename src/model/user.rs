@@ -12,6 +12,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::{Connection as _, PgConnection, PgPool, Postgres};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 const FIND_ONE: &str = "SELECT id, name, email, created_at FROM users WHERE id = $1";
 const FIND_MANY: &str = "SELECT id, name, email, created_at FROM users WHERE id = ANY($1)";
@@ -151,6 +152,9 @@ impl UserModel {
             .await
     }
 }
+
+/// How long cancelling an abandoned query may take before the connection is given up on.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `err` means the connection itself failed (I/O, protocol, server shutting it down), as
 /// opposed to the query: such a connection must not be reused, and a read-only query on it may
@@ -299,15 +303,17 @@ impl ConnectionStash {
     }
 
     /// Runs a read-only `query` on a stashed connection, retrying it once on a fresh connection
-    /// if a reused one turns out dead.
+    /// if a reused one turns out dead. All the waiting for connections, the retry's included,
+    /// fits in one acquire timeout: a lookup never waits longer than that for the database.
     ///
     /// # Errors
-    /// The query's error, or the pool's (e.g. [`sqlx::Error::PoolTimedOut`]).
+    /// The query's error, or [`sqlx::Error::PoolTimedOut`] once the acquire timeout has passed.
     pub async fn run<T, F>(&self, mut query: F) -> Result<T, sqlx::Error>
     where
         F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
-        let mut lease = self.lease().await?;
+        let deadline = Instant::now() + self.wait;
+        let mut lease = self.lease(deadline).await?;
         let result = query(lease.conn()?).await;
         lease.finished = true;
         match result {
@@ -318,7 +324,7 @@ impl ConnectionStash {
             Err(err) if lease.reused && is_connection_failure(&err) => {
                 tracing::debug!(error = %err, "stashed connection died; retrying on a fresh one");
                 drop(lease);
-                let mut fresh = self.fresh().await?;
+                let mut fresh = self.fresh(deadline).await?;
                 let retried = query(fresh.conn()?).await;
                 fresh.finished = true;
                 if retried.is_ok() {
@@ -330,13 +336,12 @@ impl ConnectionStash {
         }
     }
 
-    async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+    async fn lease(&self, deadline: Instant) -> Result<Lease<'_>, sqlx::Error> {
         if let Some(conn) = self.pop() {
             return Ok(self.lent(conn, true));
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.waiting);
-        let deadline = tokio::time::Instant::now() + self.wait;
         loop {
             if let Some(conn) = self.pop() {
                 return Ok(self.lent(conn, true));
@@ -349,7 +354,7 @@ impl ConnectionStash {
                 return Ok(self.lent(conn, true));
             }
             if self.out.fetch_add(1, Ordering::AcqRel) < self.max {
-                return self.acquire_counted().await;
+                return self.acquire_counted(deadline).await;
             }
             self.out.fetch_sub(1, Ordering::AcqRel);
             if tokio::time::timeout_at(deadline, returned).await.is_err() {
@@ -359,16 +364,18 @@ impl ConnectionStash {
     }
 
     /// A connection straight from the pool, on the stash's account.
-    async fn fresh(&self) -> Result<Lease<'_>, sqlx::Error> {
+    async fn fresh(&self, deadline: Instant) -> Result<Lease<'_>, sqlx::Error> {
         self.out.fetch_add(1, Ordering::AcqRel);
-        self.acquire_counted().await
+        self.acquire_counted(deadline).await
     }
 
-    /// Acquires from the pool for a slot already counted in `out`.
-    async fn acquire_counted(&self) -> Result<Lease<'_>, sqlx::Error> {
+    /// Acquires from the pool for a slot already counted in `out`, by `deadline`.
+    async fn acquire_counted(&self, deadline: Instant) -> Result<Lease<'_>, sqlx::Error> {
         // Gives the slot back if the acquire fails or is cancelled.
         let slot = Slot(self);
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = tokio::time::timeout_at(deadline, self.pool.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
         // Once per connection: the PID lets a cancelled call stop its query in PostgreSQL.
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut *conn)
@@ -406,8 +413,14 @@ impl ConnectionStash {
                     .await?;
                 canceller.close().await
             };
-            if let Err(err) = cancelled.await {
-                tracing::warn!(pid, error = %err, "could not cancel an abandoned query");
+            // Bounded: a database that does not answer must not keep this task (and the
+            // connection) forever.
+            match tokio::time::timeout(CANCEL_TIMEOUT, cancelled).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(pid, error = %err, "could not cancel an abandoned query");
+                }
+                Err(_) => tracing::warn!(pid, "cancelling an abandoned query timed out"),
             }
             // Back to the pool, whose release ping waits for the cancelled query to end.
             drop(conn);
