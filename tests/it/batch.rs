@@ -10,7 +10,8 @@ use user_rpc::logic::{GetUserLogic, RequestContext};
 use user_rpc::pb::{self, Strategy};
 
 use crate::support::{
-    STRATEGIES, batch, batch_within, context, lock_users, lock_users_on, seed, small_pool,
+    STRATEGIES, batch, batch_within, context, heal, lock_users, lock_users_on, lookups, poison,
+    seed, small_pool, waiting_lookups,
 };
 
 fn ids_of(response: &pb::BatchGetUsersResponse) -> Vec<i64> {
@@ -178,46 +179,6 @@ async fn every_strategy_returns_the_same_answer_for_random_batches(pool: PgPool)
             );
         }
     }
-}
-
-/// Replaces `users` with a view whose rows run a hook: it counts lookups (in a sequence, which
-/// a failing statement does not roll back), sleeps 5 ms, and raises for `poisoned_id`.
-async fn poison(pool: &PgPool, poisoned_id: i64) {
-    let statements = [
-        "ALTER TABLE users RENAME TO users_real".to_string(),
-        "CREATE SEQUENCE lookups".to_string(),
-        format!(
-            "CREATE FUNCTION lookup_hook(uid bigint) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$ \
-             BEGIN PERFORM nextval('lookups'); PERFORM pg_sleep(0.005); \
-             IF uid = {poisoned_id} THEN RAISE EXCEPTION 'poisoned row %', uid; END IF; \
-             RETURN true; END $$"
-        ),
-        "CREATE VIEW users AS SELECT id, name, email, created_at FROM users_real WHERE lookup_hook(id)"
-            .to_string(),
-    ];
-    for statement in statements {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-}
-
-async fn lookups(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT last_value FROM lookups")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn heal(pool: &PgPool) {
-    sqlx::raw_sql(
-        "DROP VIEW users; DROP FUNCTION lookup_hook; DROP SEQUENCE lookups; \
-         ALTER TABLE users_real RENAME TO users",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
 }
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
@@ -398,17 +359,6 @@ async fn a_stashed_connection_that_died_costs_no_call(pool: PgPool) {
             );
         }
     }
-}
-
-/// Queries of the service still waiting in PostgreSQL (seen from the test's own connection).
-async fn waiting_lookups(conn: &mut sqlx::PgConnection) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND state = 'active' AND query LIKE 'SELECT id, name, email, created_at FROM users%'",
-    )
-    .fetch_one(conn)
-    .await
-    .unwrap()
 }
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]

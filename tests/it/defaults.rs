@@ -12,7 +12,7 @@ use user_rpc::error::Error;
 use user_rpc::pb::{self, Strategy};
 use user_rpc::server::call::{CallGuard, CallInfo};
 
-use crate::support::{STRATEGIES, TestServer, context, lock_users, seed, unreachable_pool};
+use crate::support::{TestServer, context, lock_users, seed, unreachable_pool};
 
 fn batch_request(
     ids: Vec<i64>,
@@ -47,52 +47,6 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-/// The generated client over a plain HTTP/2 client: it sends `grpc-timeout` but, unlike tonic's
-/// `Channel`, does not enforce it locally, so the test sees the status the server sends.
-fn raw_client(
-    addr: std::net::SocketAddr,
-) -> pb::user_service_client::UserServiceClient<
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        tonic::body::Body,
-    >,
-> {
-    let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let origin = format!("http://{addr}").parse().unwrap();
-    pb::user_service_client::UserServiceClient::with_origin(http2, origin)
-}
-
-#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
-async fn a_client_deadline_ends_the_call_with_deadline_exceeded_not_cancelled(pool: PgPool) {
-    let users = seed(&pool, 20).await;
-    let ids: Vec<i64> = users.iter().map(|u| u.id).collect();
-    let server = TestServer::start(context(&pool, |c| c.timeout = Duration::from_secs(30))).await;
-    let mut client = raw_client(server.addr);
-    let lock = lock_users(&pool).await;
-    for strategy in STRATEGIES {
-        let started = Instant::now();
-        let mut request = batch_request(ids.clone(), strategy, None);
-        request
-            .metadata_mut()
-            .insert("grpc-timeout", "200m".parse().unwrap());
-        let status = client.batch_get_users(request).await.unwrap_err();
-        let took = started.elapsed();
-        assert_eq!(
-            status.code(),
-            Code::DeadlineExceeded,
-            "{strategy:?}: {status:?}"
-        );
-        assert_eq!(status.message(), "deadline exceeded");
-        assert!(
-            took < Duration::from_secs(1),
-            "{strategy:?}: a 200 ms deadline took {took:?}"
-        );
-    }
-    lock.rollback().await.unwrap();
 }
 
 #[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
