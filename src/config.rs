@@ -81,6 +81,15 @@ pub struct Settings {
     /// in milliseconds [default: 10000].
     #[arg(long, env = "USER_RPC_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+
+    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key); without both, the
+    /// listener speaks plaintext h2c.
+    #[arg(long, env = "USER_RPC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "USER_RPC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Settings {
@@ -103,6 +112,8 @@ impl Settings {
             slow_call_ms: self.slow_call_ms.or(lower.slow_call_ms),
             max_concurrent_calls: self.max_concurrent_calls.or(lower.max_concurrent_calls),
             shutdown_grace_ms: self.shutdown_grace_ms.or(lower.shutdown_grace_ms),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
         }
     }
 
@@ -155,6 +166,15 @@ pub struct Config {
     pub slow_call: Duration,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
+    /// TLS for the gRPC listener; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the gRPC listener's certificate chain and private key are (PEM files, read at start-up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -173,6 +193,7 @@ impl Default for Config {
             slow_call: Duration::from_millis(500),
             max_concurrent_calls: 256,
             shutdown_grace: Duration::from_millis(10_000),
+            tls: None,
         }
     }
 }
@@ -210,6 +231,20 @@ impl Config {
             shutdown_grace: settings
                 .shutdown_grace_ms
                 .map_or(d.shutdown_grace, Duration::from_millis),
+            tls: match (settings.tls_cert, settings.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                (cert, _) => {
+                    return Err(ConfigError::Invalid {
+                        name: if cert.is_some() {
+                            "tls_key"
+                        } else {
+                            "tls_cert"
+                        },
+                        reason: "tls_cert and tls_key go together: give both or neither".into(),
+                    });
+                }
+            },
         };
         let positive = [
             ("db_max_connections", config.db_max_connections as usize),
@@ -316,6 +351,32 @@ mod tests {
         std::fs::write(&path, "wokers: 3\n").unwrap();
         let err = Config::load(Settings::default(), Some(&path)).unwrap_err();
         assert!(err.to_string().contains("unknown field `wokers`"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key() {
+        let err = Config::from_settings(Settings {
+            tls_cert: Some("server.pem".into()),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting tls_key: tls_cert and tls_key go together: give both or neither"
+        );
+        let config = Config::from_settings(Settings {
+            tls_cert: Some("server.pem".into()),
+            tls_key: Some("server.key".into()),
+            ..Settings::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "server.pem".into(),
+                key: "server.key".into()
+            })
+        );
     }
 
     #[test]

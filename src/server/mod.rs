@@ -19,12 +19,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use user_service::UserServer;
 
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::pb;
 use crate::pb::user_service_server::UserServiceServer;
 use crate::svc::{self, ServiceContext};
@@ -76,6 +77,8 @@ pub struct Application {
     svc: Arc<ServiceContext>,
     /// Create the database if missing and apply migrations (with backoff) before SERVING.
     prepare_database: bool,
+    /// TLS for the gRPC listener, read and checked at bind time.
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -99,15 +102,17 @@ impl Application {
     }
 
     /// Binds `listen` (gRPC) and `admin` (HTTP) for an existing context (tests pass the pool of
-    /// their own database).
+    /// their own database). With `config.tls`, the gRPC listener speaks TLS only.
     ///
     /// # Errors
-    /// If an address cannot be bound.
+    /// If the TLS files cannot be read or do not hold a matching certificate and key, or an
+    /// address cannot be bound.
     pub async fn bind(
         svc: ServiceContext,
         listen: SocketAddr,
         admin: SocketAddr,
     ) -> anyhow::Result<Self> {
+        let tls = svc.config.tls.as_ref().map(load_tls).transpose()?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -121,7 +126,13 @@ impl Application {
             admin_listener,
             svc: Arc::new(svc),
             prepare_database: false,
+            tls,
         })
+    }
+
+    /// Whether the gRPC listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The gRPC address actually bound.
@@ -163,9 +174,13 @@ impl Application {
         let admin = tokio::spawn(async move { admin.await });
 
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        tracing::info!(addr = %self.local_addr, admin = %self.admin_addr, "serving gRPC");
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls).context("TLS")?;
+        }
+        tracing::info!(addr = %self.local_addr, admin = %self.admin_addr, tls = svc.config.tls.is_some(), "serving gRPC");
         let mut grpc = Box::pin(
-            tonic::transport::Server::builder()
+            server
                 .layer(call::CallStartLayer)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
@@ -206,6 +221,27 @@ impl Application {
         tracing::info!("stopped");
         served.context("gRPC server failed")
     }
+}
+
+/// Reads the certificate chain and key named in `files` and checks that they make a TLS
+/// acceptor, so that a bad file stops the start, naming it, rather than the first handshake.
+fn load_tls(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
+    };
+    let identity = Identity::from_pem(read(&files.cert, "certificate")?, read(&files.key, "key")?);
+    let tls = ServerTlsConfig::new().identity(identity);
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .with_context(|| {
+            format!(
+                "invalid TLS certificate {} or key {} (PEM expected, and the key must match)",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
+    Ok(tls)
 }
 
 /// How long the admin listener and the pool get to close after the gRPC server stopped.

