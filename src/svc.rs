@@ -65,10 +65,11 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, sqlx::Error> 
 }
 
 /// Creates the database if missing and applies the pending migrations: what `serve`, `migrate`
-/// and `seed` do first.
+/// and `seed` do first (`serve` only when [`schema_is_current`] says there is something to do).
 ///
 /// # Errors
-/// If the server cannot be reached, refuses, or a migration fails.
+/// If the server cannot be reached, refuses, or a migration fails; a role that may not change
+/// the schema gets a hint to migrate as the owner.
 pub async fn prepare(svc: &ServiceContext) -> anyhow::Result<()> {
     use anyhow::Context as _;
     create_database_if_missing(&svc.config.database_url)
@@ -76,10 +77,42 @@ pub async fn prepare(svc: &ServiceContext) -> anyhow::Result<()> {
         .context(
             "cannot reach PostgreSQL to create the database (is it running? check DATABASE_URL)",
         )?;
-    migrate(&svc.pool)
-        .await
-        .context("cannot apply migrations")?;
+    migrate(&svc.pool).await.map_err(|err| {
+        let hint = if lacks_privilege(&err) {
+            "cannot apply migrations: this role may not change the schema; run `user-rpc \
+             migrate` as the schema owner (see etc/postgres/roles.sql)"
+        } else {
+            "cannot apply migrations"
+        };
+        anyhow::Error::new(err).context(hint)
+    })?;
     Ok(())
+}
+
+/// Whether every embedded migration is recorded as applied (false when that cannot be read).
+/// Only reads, so the service's read-only role (`etc/postgres/roles.sql`) can tell that there is
+/// nothing to migrate.
+pub async fn schema_is_current(pool: &PgPool) -> bool {
+    let applied: Result<Vec<i64>, _> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await;
+    applied.is_ok_and(|applied| {
+        MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .all(|m| applied.contains(&m.version))
+    })
+}
+
+/// 42501 insufficient_privilege.
+fn lacks_privilege(err: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError::{Execute, ExecuteMigration};
+    let (Execute(sqlx::Error::Database(db)) | ExecuteMigration(sqlx::Error::Database(db), _)) = err
+    else {
+        return false;
+    };
+    db.code().as_deref() == Some("42501")
 }
 
 /// Applies the embedded migrations that have not run yet.

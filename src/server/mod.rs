@@ -251,11 +251,18 @@ const ADMIN_STOP: Duration = Duration::from_secs(1);
 const MAX_PREPARE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Creates the database if missing and applies the migrations, retrying with exponential backoff
-/// (100 ms doubling to 5 s) until it works. Every failure is logged with its cause.
+/// (100 ms doubling to 5 s) until it works. Every failure is logged with its cause. A schema that
+/// is already current is left alone, so a role that may only read can serve without
+/// `--skip-migrations`.
 async fn prepare_database(svc: &ServiceContext) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match svc::prepare(svc).await {
+        let prepared = if svc::schema_is_current(&svc.pool).await {
+            Ok(())
+        } else {
+            svc::prepare(svc).await
+        };
+        match prepared {
             Ok(()) => {
                 tracing::info!("database ready: created if missing, migrations applied");
                 return;

@@ -13,5 +13,6 @@ mod live;
 mod loadgen;
 mod mr;
 mod private_pg;
+mod security;
 mod support;
 mod tls;
