@@ -454,3 +454,59 @@ async fn lookups_waiting_for_a_connection_are_counted(pool: PgPool) {
     assert!(first.unwrap().is_some() && second.unwrap().is_some());
     assert_eq!(model.waiting(), 0);
 }
+
+#[sqlx::test(migrator = "user_rpc::svc::MIGRATOR")]
+async fn a_returned_connection_goes_to_the_health_ping_then_the_longest_waiting_lookup(
+    pool: PgPool,
+) {
+    use std::time::Duration;
+    let users = seed(&pool, 4).await;
+    let model = user_rpc::model::UserModel::new(small_pool(&pool, 1, Duration::from_secs(5)).await);
+    let mut locker = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lookup = |name: &'static str, id: i64| {
+        let model = model.clone();
+        let order = std::sync::Arc::clone(&order);
+        tokio::spawn(async move {
+            model.find_one(id).await.unwrap().unwrap();
+            order.lock().unwrap().push(name);
+        })
+    };
+    // The only connection is busy behind a lock; two lookups and then the ping line up.
+    lock_users_on(&mut locker).await;
+    let mut tasks = vec![lookup("holder", users[0].id)];
+    for (name, user) in [("first in line", &users[1]), ("second in line", &users[2])] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tasks.push(lookup(name, user.id));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ping = {
+        let model = model.clone();
+        let order = std::sync::Arc::clone(&order);
+        tokio::spawn(async move {
+            model.ping().await.unwrap();
+            order.lock().unwrap().push("ping");
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        model.waiting(),
+        3,
+        "the lookups and the ping should be waiting"
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    // Meanwhile more lookups arrive; they must not take a connection out of turn.
+    for user in &users[3..] {
+        tasks.push(lookup("late", user.id));
+    }
+    tasks.push(ping);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec!["holder", "ping", "first in line", "second in line", "late"]
+    );
+}

@@ -78,6 +78,7 @@ async fn a_100ms_deadline_on_a_locked_table_ends_in_about_100ms_and_leaves_no_qu
             took >= Duration::from_millis(95) && took < Duration::from_millis(350),
             "{strategy:?}: a 100 ms deadline answered after {took:?}"
         );
+        println!("{strategy:?}: a 100 ms deadline answered DEADLINE_EXCEEDED after {took:?}");
         // The lock is still held: only a cancel can have ended the call's queries.
         let left = lookups_left_after(&mut observer, Duration::from_secs(2)).await;
         assert_eq!(
@@ -210,6 +211,9 @@ async fn ten_times_more_calls_than_connections_end_in_time_and_the_pool_recovers
         })
     });
     let outcomes = futures_util::future::join_all(calls).await;
+    // Wait for cancelled lookups to leave, then count what the database did.
+    let _ = lookups_left_after(&mut observer, Duration::from_secs(2)).await;
+    let ran = lookups(&pool).await;
     heal(&pool).await;
 
     let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
@@ -230,10 +234,24 @@ async fn ten_times_more_calls_than_connections_end_in_time_and_the_pool_recovers
             "{strategy:?} took {took:?} with a {deadline:?} deadline"
         );
     }
-    // Which calls succeed is not asserted: the database has four times less time than the
-    // admitted calls ask for, and connections are shared first come first served, lookup by
-    // lookup, so few or none of them finish before their lookups' acquire timeout.
-    println!("{CALLS} calls on {CONNECTIONS} connections: {by_code:?}, slowest {slowest:?}");
+    // The database has about five times less time than the admitted calls ask for: how many
+    // succeed is bounded by what it can do within the acquire timeout. What matters is that its
+    // work is not wasted on calls that fail anyway: a returned connection goes to the lookup
+    // that waited longest, never to one that barges in (with barging, 46-56% of the lookups
+    // served calls that succeeded, and 3-4 calls did).
+    let ok = by_code.get("Some(Ok)").copied().unwrap_or(0);
+    let useful = ok as f64 * 50.0 / ran.max(1) as f64;
+    println!(
+        "{CALLS} calls on {CONNECTIONS} connections: {by_code:?}, slowest {slowest:?}; \
+         {ran} lookups ran, {:.0}% of them for calls that succeeded",
+        useful * 100.0
+    );
+    assert!(ok > 0, "no call succeeded: {by_code:?}");
+    assert!(
+        useful >= 0.8,
+        "only {:.0}% of {ran} lookups served calls that succeeded ({by_code:?})",
+        useful * 100.0
+    );
 
     baseline
         .assert_nothing_leaked(&svc, &mut observer, &own, "pool exhaustion")
