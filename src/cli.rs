@@ -118,9 +118,12 @@ pub enum Command {
         /// Return the users found and list missing ids instead of failing with NOT_FOUND.
         #[arg(long)]
         allow_missing: bool,
-        /// The server to ask.
+        /// The server to ask (https:// with --ca-cert for a TLS listener).
         #[arg(long, env = "USER_RPC_ADDR", default_value = "http://127.0.0.1:50051")]
         addr: String,
+        /// For an https:// --addr: the CA certificate (PEM) that signed the server's certificate.
+        #[arg(long, env = "USER_RPC_CA_CERT")]
+        ca_cert: Option<PathBuf>,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
@@ -155,6 +158,9 @@ pub struct LoadArgs {
     /// Deadline of each call, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     call_timeout_ms: u64,
+    /// For an https:// --addr: the CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, env = "USER_RPC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 impl LoadArgs {
@@ -174,6 +180,7 @@ impl LoadArgs {
         );
         Ok(LoadOptions {
             addr,
+            ca_cert: self.ca_cert.clone(),
             concurrency: self.concurrency,
             duration: self.duration,
             requests: self.requests,
@@ -207,7 +214,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// A server started in this process for `bench` and `demo`, stopped on drop.
+/// A server started in this process for `bench` and `demo`, stopped on drop. It listens on
+/// 127.0.0.1 in plaintext, whatever the TLS settings.
 struct InProcess {
     addr: String,
     max_id: i64,
@@ -218,6 +226,15 @@ struct InProcess {
 impl InProcess {
     async fn start(svc: ServiceContext) -> anyhow::Result<Self> {
         let max_id = svc.users.max_id().await?;
+        let svc = if svc.config.tls.is_some() {
+            let config = Config {
+                tls: None,
+                ..(*svc.config).clone()
+            };
+            ServiceContext::new(config, svc.pool)
+        } else {
+            svc
+        };
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let app = Application::bind(svc, any, any).await?;
         let addr = format!("http://{}", app.local_addr());
@@ -338,10 +355,11 @@ impl Cli {
                 strategy,
                 allow_missing,
                 addr,
+                ca_cert,
                 timeout_ms,
             } => {
                 get(
-                    &addr,
+                    &crate::client::endpoint(&addr, ca_cert.as_deref())?,
                     ids,
                     strategy,
                     allow_missing,
@@ -430,14 +448,15 @@ async fn seed(svc: &ServiceContext, count: u64, chunk: usize) -> anyhow::Result<
 
 /// Calls BatchGetUsers on a running server and prints the answer.
 async fn get(
-    addr: &str,
+    endpoint: &tonic::transport::Endpoint,
     ids: Vec<i64>,
     strategy: Option<Strategy>,
     allow_missing: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .with_context(|| format!("invalid server address {addr:?}"))?
+    let addr = endpoint.uri();
+    let channel = endpoint
+        .clone()
         .timeout(timeout)
         .connect_timeout(timeout)
         .connect()

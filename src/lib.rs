@@ -11,8 +11,10 @@
 //! - [`concurrency`]: the generic errgroup and map-reduce primitives the strategies use.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
 //! - [`loadgen`]: the load generator behind `user-rpc bench` and `user-rpc demo`.
+//! - [`client`]: how the bundled clients reach a server (plaintext or TLS).
 
 pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod concurrency;
 pub mod config;

@@ -51,8 +51,10 @@ const CALLERS_PER_CONNECTION: usize = 8;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// `http://host:port` of the server.
+    /// `http://host:port` of the server, or `https://` with `ca_cert`.
     pub addr: String,
+    /// The CA that signed the server's certificate, for an `https://` address.
+    pub ca_cert: Option<std::path::PathBuf>,
     pub concurrency: usize,
     /// Stop after this long...
     pub duration: Duration,
@@ -131,7 +133,7 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<Vec<StrategyReport>> {
     let connections = options.concurrency.div_ceil(CALLERS_PER_CONNECTION);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(connect(&options.addr).await?);
+        channels.push(connect(&options.addr, options.ca_cert.as_deref()).await?);
     }
     let mut reports = Vec::with_capacity(options.strategies.len());
     for &strategy in &options.strategies {
@@ -140,10 +142,9 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<Vec<StrategyReport>> {
     Ok(reports)
 }
 
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
+async fn connect(addr: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Channel> {
     use anyhow::Context as _;
-    tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .with_context(|| format!("invalid server address {addr:?}"))?
+    crate::client::endpoint(addr, ca_cert)?
         .tcp_nodelay(true)
         .connect()
         .await

@@ -10,6 +10,7 @@ use crate::support::{STRATEGIES, TestServer, context, seed};
 fn options(addr: String, max_id: i64, missing_ratio: f64) -> LoadOptions {
     LoadOptions {
         addr,
+        ca_cert: None,
         concurrency: 4,
         duration: Duration::from_secs(30),
         requests: Some(40),

@@ -137,6 +137,48 @@ async fn tls_serves_clients_that_trust_its_ca_and_no_one_else(pool: PgPool) {
             .concat(),
         );
         assert!(ok && out.contains("\"email\""), "{out}{err}");
+        // The bundled clients, over TLS.
+        let https = format!("https://localhost:{}", addr.rsplit_once(':').unwrap().1);
+        let bin = env!("CARGO_BIN_EXE_user-rpc");
+        let get = std::process::Command::new(bin)
+            .args(["get", "--addr", &https, "--ca-cert", &ca_file, "--ids", &id])
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&get.stdout);
+        assert!(
+            get.status.success() && printed.contains("@example.com"),
+            "get over TLS: {printed}{}",
+            String::from_utf8_lossy(&get.stderr)
+        );
+        let bench = std::process::Command::new(bin)
+            .args(["bench", "--addr", &https, "--ca-cert", &ca_file, "--json"])
+            .args([
+                "--concurrency",
+                "1",
+                "--requests",
+                "5",
+                "--batch",
+                "2",
+                "--max-id",
+                &id,
+            ])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&bench.stdout);
+        assert!(
+            bench.status.success() && report.contains("\"requests\": 5"),
+            "bench over TLS: {report}{}",
+            String::from_utf8_lossy(&bench.stderr)
+        );
+        let without_ca = std::process::Command::new(bin)
+            .args(["get", "--addr", &https, "--ids", &id])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&without_ca.stderr);
+        assert!(
+            !without_ca.status.success() && said.contains("give --ca-cert"),
+            "{said}"
+        );
         // grpcurl retries a failing connection until its connect timeout (10 s by default).
         let (ok, _, _) = grpcurl(&["-plaintext", "-connect-timeout", "1", &addr, "list"]);
         assert!(!ok, "grpcurl -plaintext reached the TLS listener");
