@@ -1,6 +1,6 @@
 //! Business rules, one *logic* per RPC (go-zero's `internal/logic`): each is built from the
 //! request's [`RequestContext`] and the shared [`ServiceContext`](crate::svc::ServiceContext),
-//! takes the protobuf request and returns the protobuf response or an [`Error`](crate::error::Error).
+//! takes the protobuf request and returns the protobuf response or an [`Error`].
 //! Logics never touch transport concerns (metadata, status codes): that is the server's job.
 
 pub mod batch_get_users;

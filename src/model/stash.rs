@@ -12,14 +12,18 @@
 //! Rules:
 //! - **One budget.** A lookup waits at most the pool's acquire timeout for connections in all,
 //!   its retry included; then it fails with [`sqlx::Error::PoolTimedOut`] (UNAVAILABLE).
-//! - **In turn, no barging.** A connection that comes back goes straight to the lookup that has
-//!   waited longest (the health ping goes ahead of every lookup, so an overloaded service is not
-//!   reported down). A lookup that arrives just then cannot take it first. With barging (the
-//!   first version woke a waiter and let whoever came first take the connection) overload spread
-//!   the connections over every call: in `tests/it/faults.rs`' 10x test only 46–56% of the
-//!   lookups the database ran served calls that succeeded, 3–4 of 24; now 95%, 7 of 24 (and 24
-//!   of 24 with a 1 s acquire timeout, against 18). Serving the oldest *call* first was measured
-//!   too and did worse (5 and 16 of 24): every younger call's first lookups time out together.
+//! - **Quick first, then in turn** (Go's `sync.Mutex` normal and starvation modes). A returned
+//!   connection goes idle and wakes the first waiter; whoever comes first takes it, often the
+//!   lookup that just returned it, which keeps a mapreduce call's workers on their connections
+//!   with no task switch. But a lookup that has waited `STARVING` (50 ms) gets the next
+//!   connection handed to it directly, ahead of newcomers; the health ping goes first of all, so
+//!   an overloaded service is not reported down. Measured (BENCHMARKS.md, "Sharing connections
+//!   under contention"): with newcomers always free to take connections, overload spread them
+//!   over every call: in `tests/it/faults.rs`' 10x test 46–56% of the lookups the database ran
+//!   served calls that succeeded (3–4 of 24 calls did), 18 of 24 calls succeeded with a 1 s
+//!   acquire timeout, and p99 at 32 callers was 141–177 ms. Always handing over in turn fixed
+//!   that (95%, 24 of 24) but cost MAPREDUCE 24% of its throughput at 32 callers. Both modes:
+//!   91%, 7 of 24 and 24 of 24, throughput unchanged, p99 106–118 ms.
 //! - **A dead connection costs no call.** A query that fails on a reused connection because the
 //!   connection died (the server restarted) is retried once on a fresh connection from the pool.
 //! - **Nothing of a finished call runs on.** A query abandoned midway (deadline, caller gone) is
@@ -29,6 +33,7 @@
 //! timeout and maximum lifetime; [`ConnectionStash::release_idle`] hands them back.
 
 use std::collections::BTreeMap;
+use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -36,11 +41,18 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, PgConnection, PgPool, Postgres};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 /// How long cancelling an abandoned query may take before the connection is given up on.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lookup that has waited this long gets the next returned connection handed to it directly;
+/// before that, a returned connection goes idle and wakes the first waiter, and whoever comes
+/// first takes it (Go's `sync.Mutex` switches at 1 ms; connections are held far longer than a
+/// mutex, and 5 ms cost MAPREDUCE a quarter of its throughput at 32 callers). See the module
+/// docs.
+const STARVING: Duration = Duration::from_millis(50);
 
 /// Where a lookup stands in line for a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,6 +83,8 @@ pub fn is_connection_failure(err: &sqlx::Error) -> bool {
 pub struct ConnectionStash {
     pool: PgPool,
     state: Mutex<State>,
+    /// Wakes the first waiter when a connection goes idle.
+    returned: Notify,
     /// Lookups waiting for a connection (from the stash or the pool).
     waiting: AtomicUsize,
     max: usize,
@@ -84,8 +98,15 @@ struct State {
     /// acquired).
     out: usize,
     /// Lookups waiting for a connection, in the order they are to be served.
-    waiters: BTreeMap<(Priority, u64), oneshot::Sender<Grant>>,
+    waiters: BTreeMap<(Priority, u64), Waiter>,
     next: u64,
+}
+
+/// A lookup in line.
+#[derive(Debug)]
+struct Waiter {
+    grant: oneshot::Sender<Grant>,
+    since: Instant,
 }
 
 /// What a waiting lookup is handed.
@@ -188,6 +209,7 @@ impl ConnectionStash {
             wait: pool.options().get_acquire_timeout(),
             pool,
             state: Mutex::new(State::default()),
+            returned: Notify::new(),
             waiting: AtomicUsize::new(0),
         }
     }
@@ -257,8 +279,10 @@ impl ConnectionStash {
     }
 
     /// An idle connection, else one more from the pool if fewer than its maximum are out, else
-    /// a place in line until a connection or a slot is handed over, by `deadline`.
+    /// a place in line, by `deadline`: woken when a connection goes idle, it takes it if nobody
+    /// was quicker; once `STARVING`, connections and slots are handed to it in turn.
     async fn lease(&self, priority: Priority, deadline: Instant) -> Result<Lease<'_>, sqlx::Error> {
+        let since = Instant::now();
         let mut ticket = {
             let mut state = self.lock();
             if let Some(conn) = state.idle.pop() {
@@ -271,7 +295,13 @@ impl ConnectionStash {
                 let (sender, grant) = oneshot::channel();
                 let key = (priority, state.next);
                 state.next += 1;
-                state.waiters.insert(key, sender);
+                state.waiters.insert(
+                    key,
+                    Waiter {
+                        grant: sender,
+                        since,
+                    },
+                );
                 Some(Ticket {
                     stash: self,
                     key,
@@ -284,12 +314,28 @@ impl ConnectionStash {
         };
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.waiting);
-        match tokio::time::timeout_at(deadline, &mut ticket.grant).await {
-            Ok(Ok(Grant::Conn(conn))) => Ok(self.lent(conn, true)),
-            Ok(Ok(Grant::Slot)) => self.acquire_counted(deadline).await,
-            // The sender went without a grant: only when the stash itself is gone.
-            Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        let mut starving = false;
+        loop {
+            let returned = self.returned.notified();
+            let mut returned = pin!(returned);
+            // Registered before looking, so a connection going idle in between is not missed.
+            returned.as_mut().enable();
+            if let Some(conn) = self.lock().idle.pop() {
+                return Ok(self.lent(conn, true));
+            }
+            tokio::select! {
+                biased;
+                grant = &mut ticket.grant => return match grant {
+                    Ok(Grant::Conn(conn)) => Ok(self.lent(conn, true)),
+                    Ok(Grant::Slot) => self.acquire_counted(deadline).await,
+                    // The sender went without a grant: only when the stash itself is gone.
+                    Err(_) => Err(sqlx::Error::PoolClosed),
+                },
+                () = &mut returned => {}
+                // From now on dispatch hands connections to this lookup; one last look first.
+                () = tokio::time::sleep_until(since + STARVING), if !starving => starving = true,
+                () = tokio::time::sleep_until(deadline) => return Err(sqlx::Error::PoolTimedOut),
+            }
         }
     }
 
@@ -317,18 +363,25 @@ impl ConnectionStash {
         }
     }
 
-    /// Hands `grant` to the first lookup in line that is still waiting; with none, a connection
-    /// goes idle and a slot goes back (one connection fewer on the stash's account).
+    /// Hands `grant` to the first lookup in line: a slot always, a connection if that lookup is
+    /// `STARVING`. Otherwise a connection goes idle and wakes the first waiter, and a slot goes
+    /// back (one connection fewer on the stash's account).
     fn dispatch(&self, mut grant: Grant) {
         let mut state = self.lock();
-        while let Some((_, waiter)) = state.waiters.pop_first() {
-            match waiter.send(grant) {
+        while let Some(first) = state.waiters.first_entry() {
+            if matches!(grant, Grant::Conn(_)) && first.get().since.elapsed() < STARVING {
+                break;
+            }
+            match first.remove().grant.send(grant) {
                 Ok(()) => return,
                 Err(returned) => grant = returned,
             }
         }
         match grant {
-            Grant::Conn(conn) => state.idle.push(conn),
+            Grant::Conn(conn) => {
+                state.idle.push(conn);
+                self.returned.notify_one();
+            }
             Grant::Slot => state.out -= 1,
         }
     }
