@@ -169,16 +169,16 @@ async fn run_strategy(
     };
     let started = Instant::now();
     let stop_at = started + options.duration;
-    let per_caller = options
-        .requests
-        .map(|n| n.div_ceil(options.concurrency as u64));
     let mut callers = tokio::task::JoinSet::new();
     for caller in 0..options.concurrency {
+        // Exactly `requests` in all: the first `n % concurrency` callers make one more.
+        let share = options.requests.map(|n| {
+            let callers = options.concurrency as u64;
+            n / callers + u64::from((caller as u64) < n % callers)
+        });
         let client = tonic::client::Grpc::new(channels[caller % channels.len()].clone());
         let options = options.clone();
-        callers.spawn(call_repeatedly(
-            client, options, strategy, stop_at, per_caller,
-        ));
+        callers.spawn(call_repeatedly(client, options, strategy, stop_at, share));
     }
     let ticker = {
         let bar = bar.clone();
