@@ -96,9 +96,9 @@ impl Application {
         skip_migrations: bool,
     ) -> anyhow::Result<Self> {
         let svc = ServiceContext::connect_lazy(config).context("invalid database URL")?;
-        let mut app = Self::bind(svc, listen, admin).await?;
-        app.prepare_database = !skip_migrations;
-        Ok(app)
+        Ok(Self::bind(svc, listen, admin)
+            .await?
+            .preparing_database(!skip_migrations))
     }
 
     /// Binds `listen` (gRPC) and `admin` (HTTP) for an existing context (tests pass the pool of
@@ -130,9 +130,13 @@ impl Application {
         })
     }
 
-    /// Whether the gRPC listener speaks TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+    /// Whether serving starts by preparing the database in the background (create it if missing,
+    /// migrate unless current, with backoff), health NOT_SERVING until it is ready, as `serve`
+    /// does; [`Application::bind`] alone does not.
+    #[must_use]
+    pub fn preparing_database(mut self, prepare: bool) -> Self {
+        self.prepare_database = prepare;
+        self
     }
 
     /// The gRPC address actually bound.

@@ -478,3 +478,90 @@ async fn the_database_restarted_or_crashed_under_load_fails_fast_and_recovers_by
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_without_the_database_and_turns_serving_when_it_appears() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // The database's server exists but is down: its port refuses connections.
+    let mut pg = PrivatePostgres::start().await;
+    pg.stop().await;
+    let config = Config {
+        database_url: pg.url("user_rpc"),
+        db_acquire_timeout: Duration::from_millis(500),
+        health_check_interval: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let svc = ServiceContext::connect_lazy(config).unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let app = tokio::time::timeout(
+        Duration::from_secs(2),
+        user_rpc::server::Application::bind(svc.clone(), any, any),
+    )
+    .await
+    .expect("bind waited for the database")
+    .expect("bind failed without the database")
+    .preparing_database(true);
+    let addr = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = raw_client(addr);
+    assert_eq!(health(channel.clone()).await, ServingStatus::NotServing);
+
+    // Calls fail fast with UNAVAILABLE, well before their deadline.
+    let started = Instant::now();
+    let status = client
+        .batch_get_users(request_within(
+            vec![1],
+            Strategy::BatchQuery,
+            Duration::from_secs(2),
+        ))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "UNAVAILABLE after {took:?} with a 2 s deadline"
+    );
+    let baseline = Baseline::now();
+
+    // The database appears; the server creates it, migrates, and turns SERVING by itself.
+    pg.restart().await;
+    let appeared = Instant::now();
+    while health(channel.clone()).await != ServingStatus::Serving {
+        assert!(
+            appeared.elapsed() < Duration::from_secs(10),
+            "not SERVING {:?} after the database appeared",
+            appeared.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = appeared.elapsed();
+    let mut request = request_within(vec![1], Strategy::BatchQuery, Duration::from_secs(2));
+    request.get_mut().allow_missing = true;
+    let answer = client
+        .batch_get_users(request)
+        .await
+        .unwrap_or_else(|s| panic!("a call {recovered:?} after SERVING failed: {s:?}"))
+        .into_inner();
+    assert_eq!(answer.missing_ids, vec![1], "the migrated table is empty");
+    println!(
+        "UNAVAILABLE after {took:?} while down; SERVING {recovered:?} after the database appeared"
+    );
+
+    let mut observer = sqlx::PgConnection::connect(&pg.url("user_rpc"))
+        .await
+        .unwrap();
+    baseline
+        .assert_nothing_leaked(&svc, &mut observer, &[], "database down at start-up")
+        .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+}
