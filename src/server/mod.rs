@@ -182,7 +182,12 @@ impl Application {
         if let Some(tls) = self.tls {
             server = server.tls_config(tls).context("TLS")?;
         }
-        tracing::info!(addr = %self.local_addr, admin = %self.admin_addr, tls = svc.config.tls.is_some(), "serving gRPC");
+        tracing::info!(
+            addr = %self.local_addr,
+            admin = %self.admin_addr,
+            tls = svc.config.tls.is_some(),
+            "serving gRPC"
+        );
         let mut grpc = Box::pin(
             server
                 .layer(call::CallStartLayer)

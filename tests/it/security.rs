@@ -143,6 +143,26 @@ async fn the_app_role_serves_every_strategy_and_can_do_nothing_else() {
             "user_rpc_app may run: {sql}"
         );
     }
+    // Where the schema is behind, the app role cannot migrate, and says what to do.
+    superuser
+        .execute("CREATE DATABASE user_rpc_behind")
+        .await
+        .unwrap();
+    let behind = ServiceContext::connect_lazy(Config {
+        database_url: pg.url("user_rpc_behind").replacen(
+            "postgres://postgres@",
+            "postgres://user_rpc_app@",
+            1,
+        ),
+        ..Config::default()
+    })
+    .unwrap();
+    let err = format!("{:#}", user_rpc::svc::prepare(&behind).await.unwrap_err());
+    assert!(
+        err.contains("run `user-rpc migrate` as the schema owner"),
+        "no hint: {err}"
+    );
+
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
 }
