@@ -21,20 +21,15 @@ use user_rpc::svc::ServiceContext;
 
 use crate::private_pg::PrivatePostgres;
 use crate::support::{
-    Baseline, RawClient, STRATEGIES, TestServer, context, heal, hook_lookups, lock_users_on,
-    lookups, lookups_left_after, pids, raw_client, request_within, seed, small_pool,
+    Baseline, RawClient, STRATEGIES, TestServer, call_within, context, heal, hook_lookups,
+    lock_users_on, lookups, lookups_left_after, pids, raw_client, request_within, seed, small_pool,
 };
 
 /// A warm-up call per strategy, so the client's connection and the pool exist before the
 /// baseline is taken.
 async fn warm_up(client: &mut RawClient, ids: &[i64]) {
     for strategy in STRATEGIES {
-        client
-            .batch_get_users(request_within(
-                ids.to_vec(),
-                strategy,
-                Duration::from_secs(5),
-            ))
+        call_within(client, ids, strategy, Duration::from_secs(5))
             .await
             .unwrap();
     }
@@ -59,12 +54,7 @@ async fn a_100ms_deadline_on_a_locked_table_ends_in_about_100ms_and_leaves_no_qu
     for strategy in STRATEGIES {
         lock_users_on(&mut locker).await;
         let started = Instant::now();
-        let status = client
-            .batch_get_users(request_within(
-                ids.clone(),
-                strategy,
-                Duration::from_millis(100),
-            ))
+        let status = call_within(&mut client, &ids, strategy, Duration::from_millis(100))
             .await
             .unwrap_err();
         let took = started.elapsed();
@@ -89,15 +79,10 @@ async fn a_100ms_deadline_on_a_locked_table_ends_in_about_100ms_and_leaves_no_qu
         baseline
             .assert_nothing_leaked(&svc, &mut observer, &own, &format!("{strategy:?} deadline"))
             .await;
-        let again = client
-            .batch_get_users(request_within(
-                ids.clone(),
-                strategy,
-                Duration::from_secs(5),
-            ))
+        let again = call_within(&mut client, &ids, strategy, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(again.into_inner().users.len(), 40, "{strategy:?}");
+        assert_eq!(again.users.len(), 40, "{strategy:?}");
     }
 }
 
@@ -516,14 +501,14 @@ async fn serve_starts_without_the_database_and_turns_serving_when_it_appears() {
 
     // Calls fail fast with UNAVAILABLE, well before their deadline.
     let started = Instant::now();
-    let status = client
-        .batch_get_users(request_within(
-            vec![1],
-            Strategy::BatchQuery,
-            Duration::from_secs(2),
-        ))
-        .await
-        .unwrap_err();
+    let status = call_within(
+        &mut client,
+        &[1],
+        Strategy::BatchQuery,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_err();
     let took = started.elapsed();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(

@@ -14,7 +14,7 @@ use user_rpc::svc::ServiceContext;
 
 use crate::private_pg::PrivatePostgres;
 use crate::support::{
-    STRATEGIES, lock_users_on, lookups_left_after, raw_client, request_within, seed,
+    STRATEGIES, call_within, lock_users_on, lookups_left_after, raw_client, seed,
 };
 
 const ROLES_SQL: &str = include_str!("../../etc/postgres/roles.sql");
@@ -93,15 +93,9 @@ async fn the_app_role_serves_every_strategy_and_can_do_nothing_else() {
     }
     let mut client = raw_client(addr);
     for strategy in STRATEGIES {
-        let answer = client
-            .batch_get_users(request_within(
-                ids.clone(),
-                strategy,
-                Duration::from_secs(5),
-            ))
+        let answer = call_within(&mut client, &ids, strategy, Duration::from_secs(5))
             .await
-            .unwrap_or_else(|s| panic!("{strategy:?} as user_rpc_app: {s:?}"))
-            .into_inner();
+            .unwrap_or_else(|s| panic!("{strategy:?} as user_rpc_app: {s:?}"));
         assert_eq!(answer.users.len(), 30, "{strategy:?}");
     }
 
@@ -110,14 +104,14 @@ async fn the_app_role_serves_every_strategy_and_can_do_nothing_else() {
         .await
         .unwrap();
     lock_users_on(&mut locker).await;
-    let status = client
-        .batch_get_users(request_within(
-            ids.clone(),
-            user_rpc::pb::Strategy::Mapreduce,
-            Duration::from_millis(100),
-        ))
-        .await
-        .unwrap_err();
+    let status = call_within(
+        &mut client,
+        &ids,
+        user_rpc::pb::Strategy::Mapreduce,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let left = lookups_left_after(&mut setup, Duration::from_secs(2)).await;
     assert_eq!(

@@ -289,6 +289,19 @@ pub fn request_within(
     request
 }
 
+/// BatchGetUsers of `ids` with `strategy`, sending `deadline` as `grpc-timeout`.
+pub async fn call_within(
+    client: &mut RawClient,
+    ids: &[i64],
+    strategy: Strategy,
+    deadline: Duration,
+) -> Result<pb::BatchGetUsersResponse, tonic::Status> {
+    client
+        .batch_get_users(request_within(ids.to_vec(), strategy, deadline))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// What is alive before a fault: tokio tasks of the test's runtime (the server runs in it).
 pub struct Baseline {
     pub tasks: usize,
