@@ -25,6 +25,21 @@ use crate::support::{
     lock_users_on, lookups, lookups_left_after, pids, raw_client, request_within, seed, small_pool,
 };
 
+/// [`call_within`], given up on 3 s after its deadline: `None` means the call hung.
+async fn call_or_hang(
+    client: &mut RawClient,
+    ids: &[i64],
+    strategy: Strategy,
+    deadline: Duration,
+) -> Option<Result<pb::BatchGetUsersResponse, tonic::Status>> {
+    tokio::time::timeout(
+        deadline + Duration::from_secs(3),
+        call_within(client, ids, strategy, deadline),
+    )
+    .await
+    .ok()
+}
+
 /// A warm-up call per strategy, so the client's connection and the pool exist before the
 /// baseline is taken.
 async fn warm_up(client: &mut RawClient, ids: &[i64]) {
@@ -179,18 +194,13 @@ async fn ten_times_more_calls_than_connections_end_in_time_and_the_pool_recovers
         let strategy = STRATEGIES[i % 3];
         tokio::spawn(async move {
             let started = Instant::now();
-            let answer = tokio::time::timeout(
-                deadline + Duration::from_secs(3),
-                client.batch_get_users(request_within(ids, strategy, deadline)),
-            )
-            .await;
-            let code = match answer {
-                Err(_) => None,
-                Ok(Ok(response)) => {
-                    assert_eq!(response.into_inner().users.len(), 50);
+            let code = match call_or_hang(&mut client, &ids, strategy, deadline).await {
+                None => None,
+                Some(Ok(response)) => {
+                    assert_eq!(response.users.len(), 50);
                     Some(Code::Ok)
                 }
-                Ok(Err(status)) => Some(status.code()),
+                Some(Err(status)) => Some(status.code()),
             };
             (strategy, code, started.elapsed())
         })
@@ -278,17 +288,12 @@ async fn load(
     while !stop.is_cancelled() {
         let from = rand::random_range(0..users.len() - 20);
         let wanted = &users[from..from + 20];
-        let ids = wanted.iter().map(|u| u.id).collect();
+        let ids: Vec<i64> = wanted.iter().map(|u| u.id).collect();
         let at = start.elapsed();
-        let answer = tokio::time::timeout(
-            deadline + Duration::from_secs(3),
-            client.batch_get_users(request_within(ids, strategy, deadline)),
-        )
-        .await;
-        let code = match answer {
-            Err(_) => None,
-            Ok(Ok(response)) => {
-                let got = response.into_inner().users;
+        let code = match call_or_hang(&mut client, &ids, strategy, deadline).await {
+            None => None,
+            Some(Ok(response)) => {
+                let got = response.users;
                 let right = got.len() == wanted.len()
                     && got
                         .iter()
@@ -297,7 +302,7 @@ async fn load(
                 assert!(right, "{strategy:?} answered wrong users");
                 Some(Code::Ok)
             }
-            Ok(Err(status)) => {
+            Some(Err(status)) => {
                 assert!(
                     !status.message().contains("SELECT") && !status.message().contains(".rs"),
                     "{strategy:?} leaked internals: {status:?}"
