@@ -16,7 +16,7 @@
 //!   connection goes idle and wakes the first waiter; whoever comes first takes it, often the
 //!   lookup that just returned it, which keeps a mapreduce call's workers on their connections
 //!   with no task switch. But a lookup that has waited `STARVING` (50 ms) gets the next
-//!   connection handed to it directly, ahead of newcomers; the health ping goes first of all, so
+//!   connection handed to it directly, ahead of newcomers; the health ping is first in line, so
 //!   an overloaded service is not reported down. Measured (BENCHMARKS.md, "Sharing connections
 //!   under contention"): with newcomers always free to take connections, overload spread them
 //!   over every call: in `tests/it/faults.rs`' 10x test 46–56% of the lookups the database ran
