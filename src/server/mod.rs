@@ -77,8 +77,8 @@ pub struct Application {
     svc: Arc<ServiceContext>,
     /// Create the database if missing and apply migrations (with backoff) before SERVING.
     prepare_database: bool,
-    /// TLS for the gRPC listener, read and checked at bind time.
-    tls: Option<ServerTlsConfig>,
+    /// The gRPC server, with TLS when configured (read and checked at bind time).
+    server: tonic::transport::Server,
 }
 
 impl Application {
@@ -112,7 +112,10 @@ impl Application {
         listen: SocketAddr,
         admin: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let tls = svc.config.tls.as_ref().map(load_tls).transpose()?;
+        let server = match &svc.config.tls {
+            Some(files) => tls_server(files)?,
+            None => tonic::transport::Server::builder(),
+        };
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -126,7 +129,7 @@ impl Application {
             admin_listener,
             svc: Arc::new(svc),
             prepare_database: false,
-            tls,
+            server,
         })
     }
 
@@ -178,10 +181,6 @@ impl Application {
         let admin = tokio::spawn(async move { admin.await });
 
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let mut server = tonic::transport::Server::builder();
-        if let Some(tls) = self.tls {
-            server = server.tls_config(tls).context("TLS")?;
-        }
         tracing::info!(
             addr = %self.local_addr,
             admin = %self.admin_addr,
@@ -189,7 +188,7 @@ impl Application {
             "serving gRPC"
         );
         let mut grpc = Box::pin(
-            server
+            self.server
                 .layer(call::CallStartLayer)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
@@ -232,25 +231,23 @@ impl Application {
     }
 }
 
-/// Reads the certificate chain and key named in `files` and checks that they make a TLS
-/// acceptor, so that a bad file stops the start, naming it, rather than the first handshake.
-fn load_tls(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
+/// A server that speaks TLS with the certificate chain and key named in `files`, built here so
+/// that a bad file stops the start, naming it, rather than the first handshake.
+fn tls_server(files: &TlsFiles) -> anyhow::Result<tonic::transport::Server> {
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path)
             .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
     };
     let identity = Identity::from_pem(read(&files.cert, "certificate")?, read(&files.key, "key")?);
-    let tls = ServerTlsConfig::new().identity(identity);
     tonic::transport::Server::builder()
-        .tls_config(tls.clone())
+        .tls_config(ServerTlsConfig::new().identity(identity))
         .with_context(|| {
             format!(
                 "invalid TLS certificate {} or key {} (PEM expected, and the key must match)",
                 files.cert.display(),
                 files.key.display()
             )
-        })?;
-    Ok(tls)
+        })
 }
 
 /// How long the admin listener and the pool get to close after the gRPC server stopped.
